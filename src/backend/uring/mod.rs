@@ -1,0 +1,3 @@
+//! The io_uring backend (issue 3). For now only the start-up probe.
+
+pub mod probe;
