@@ -335,30 +335,42 @@ impl<B: Backend> Shard<B> {
 
     /// Runs the loop until shutdown has closed every connection.
     pub fn run(mut self) -> std::io::Result<()> {
+        while self.turn()? {}
+        Ok(())
+    }
+
+    /// One turn of the loop (see the module documentation). Returns false
+    /// once the shard has drained after shutdown. Public so that a scripted
+    /// backend can drive a shard step by step (benches, simulations).
+    pub fn turn(&mut self) -> std::io::Result<bool> {
+        let timeout = if self.inbox_more {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(self.next_tick_ms.saturating_sub(self.clock()))
+        };
         let mut events = std::mem::take(&mut self.events);
-        loop {
-            let timeout = if self.inbox_more {
-                Duration::ZERO
-            } else {
-                Duration::from_millis(self.next_tick_ms.saturating_sub(self.clock()))
-            };
-            events.clear();
-            self.backend.poll(&mut events, timeout)?;
-            self.now_ms = self.clock();
-            for &event in &events {
-                self.handle(event);
-            }
-            self.drain_inbox();
-            if self.now_ms >= self.next_tick_ms {
-                self.tick();
-                self.next_tick_ms = self.now_ms + TICK_MS;
-            }
-            self.reap();
-            self.publish_counters();
-            if self.draining_since_ms.is_some() && self.slots.iter().all(Option::is_none) {
-                return Ok(());
-            }
+        events.clear();
+        let polled = self.backend.poll(&mut events, timeout);
+        self.now_ms = self.clock();
+        for &event in &events {
+            self.handle(event);
         }
+        self.events = events;
+        polled?;
+        self.drain_inbox();
+        if self.now_ms >= self.next_tick_ms {
+            self.tick();
+            self.next_tick_ms = self.now_ms + TICK_MS;
+        }
+        self.reap();
+        self.publish_counters();
+        let drained = self.draining_since_ms.is_some() && self.slots.iter().all(Option::is_none);
+        Ok(!drained)
+    }
+
+    /// Connections in use (occupied slots).
+    pub fn connections(&self) -> usize {
+        self.slots.len() - self.free.len()
     }
 
     fn clock(&self) -> u64 {
