@@ -372,21 +372,8 @@ fn seccomp_mode() -> String {
     }
 }
 
-// `rlim_t` is `u64` on 64-bit Linux but not everywhere.
-#[allow(clippy::unnecessary_cast)]
 fn nofile_limits() -> (u64, u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `rlimit` into the valid, exclusively
-    // borrowed `limit` and keeps no reference to it.
-    let result = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    if result == 0 {
-        (limit.rlim_cur as u64, limit.rlim_max as u64)
-    } else {
-        (0, 0)
-    }
+    rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0))
 }
 
 #[cfg(test)]
