@@ -281,3 +281,32 @@ fn the_guide_names_only_real_serve_flags() {
         }
     }
 }
+
+#[test]
+fn startup_warnings_name_each_blocking_knob_and_its_section() {
+    let hard = hard_open_file_limit();
+    let epoll = plenum::check::startup_warnings(100_000, "epoll", 2, 4096, 128 * 1024);
+    if hard < 100_000 + 256 {
+        let warning = epoll
+            .iter()
+            .find(|warning| warning.starts_with("RLIMIT_NOFILE"))
+            .unwrap_or_else(|| panic!("no open-file warning in {epoll:?}"));
+        assert!(
+            warning.contains("see tuning/GUIDE.md#open-file-limits"),
+            "{warning}"
+        );
+        assert!(warning.contains("--connections-max 100000"), "{warning}");
+    }
+    let uring = plenum::check::startup_warnings(100_000, "uring", 6, 4096, 128 * 1024);
+    if hard >= files_per_ring_for(100_000, 6) {
+        assert!(
+            !uring
+                .iter()
+                .any(|warning| warning.starts_with("RLIMIT_NOFILE")),
+            "{uring:?}"
+        );
+    }
+    for warning in epoll.iter().chain(&uring) {
+        assert!(!warning.contains('\n'), "one line each: {warning}");
+    }
+}

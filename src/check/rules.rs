@@ -472,28 +472,52 @@ fn tcp_mem(host: &HostSnapshot, needs: &Needs) -> Line {
         fit as f64 * 100.0 / needs.connections.max(1) as f64
     );
     let mut fixes = Vec::new();
-    // A smaller send buffer that lets every subscriber stall within tcp_mem high.
-    let buffer_fit = high_bytes / needs.connections.max(1) * STALLED_OVERHEAD_DIVISOR
-        / (STALLED_OVERHEAD_DIVISOR + 1)
-        / 2;
-    if buffer_fit >= 4096 {
-        let buffer = 1u64 << (63 - buffer_fit.leading_zeros());
+    // 1. A smaller send buffer that lets every subscriber stall within tcp_mem high.
+    if let Some(buffer) = send_buffer_fitting(high_bytes, needs.connections) {
         fixes.push(format!(
             "plenum serve --socket-send-buffer-bytes {}KiB",
             buffer / 1024
         ));
     }
-    // Raising tcp_mem is sound only while it stays a modest share of memory.
-    let pages = all_stalled.div_ceil(page);
-    if host.memory_total_bytes > 0 && all_stalled <= host.memory_total_bytes / 4 {
+    // 2. A larger tcp_mem, sound only while it stays a modest share of memory.
+    let quarter_of_memory = host.memory_total_bytes / 4;
+    if host.memory_total_bytes > 0 && all_stalled <= quarter_of_memory {
+        fixes.push(tcp_mem_command(all_stalled.div_ceil(page)));
+    }
+    // 3. Neither alone: tcp_mem at a quarter of memory and the smallest buffer.
+    if fixes.is_empty() && host.memory_total_bytes > 0 {
+        let pages = quarter_of_memory / page;
+        let buffer = send_buffer_fitting(quarter_of_memory, needs.connections).unwrap_or(4096);
+        let fit = quarter_of_memory / stalled_socket_bytes(host, buffer).max(1);
         fixes.push(format!(
-            "sysctl -w net.ipv4.tcp_mem=\"{} {} {pages}\"",
-            pages / 2,
-            pages * 3 / 4
+            "{} && plenum serve --socket-send-buffer-bytes {}KiB",
+            tcp_mem_command(pages),
+            buffer / 1024
+        ));
+        out.note.push_str(&format!(
+            "; with this fix {fit} ({:.1} %) can",
+            fit as f64 * 100.0 / needs.connections.max(1) as f64
         ));
     }
     out.fix_command = fixes.join(" ; or ");
     out
+}
+
+/// The largest power-of-two `SO_SNDBUF`, at least 4 KiB, with which
+/// `connections` stalled sockets fit in `budget_bytes` of `tcp_mem`.
+fn send_buffer_fitting(budget_bytes: u64, connections: u64) -> Option<u64> {
+    let per_socket = budget_bytes / connections.max(1);
+    let buffer = per_socket * STALLED_OVERHEAD_DIVISOR / (STALLED_OVERHEAD_DIVISOR + 1) / 2;
+    (buffer >= 4096).then(|| 1u64 << (63 - buffer.leading_zeros()))
+}
+
+/// `tcp_mem` with `high_pages` as high, pressure at 3/4 and low at 1/2 of it.
+fn tcp_mem_command(high_pages: u64) -> String {
+    format!(
+        "sysctl -w net.ipv4.tcp_mem=\"{} {} {high_pages}\"",
+        high_pages / 2,
+        high_pages * 3 / 4
+    )
 }
 
 fn tcp_wmem(host: &HostSnapshot, needs: &Needs) -> Line {
@@ -905,6 +929,15 @@ pub(crate) mod tests {
                 status: Status::Warn,
                 blocking: false,
                 fix_contains: "--socket-send-buffer-bytes 8KiB",
+            },
+            Case {
+                name: "1M stalled: tcp_mem at a quarter of memory and a 4 KiB buffer",
+                host: |h| h.nf_conntrack_max = None,
+                needs: needs(1_000_000, Backend::Uring, 54),
+                knob: "net.ipv4.tcp_mem",
+                status: Status::Warn,
+                blocking: false,
+                fix_contains: "\" && plenum serve --socket-send-buffer-bytes 4KiB",
             },
             Case {
                 name: "5,000 stalled at 128 KiB fit in tcp_mem high",
