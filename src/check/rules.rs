@@ -299,8 +299,10 @@ fn open_file_limit(host: &HostSnapshot, needs: &Needs) -> Line {
         if let Some(alternative) = alternative {
             // The one fix that works without privileges comes first.
             fixes.insert(0, alternative);
-            out.note
-                .push_str("; io_uring keeps connections out of the process table");
+            out.note.push_str(match needs.backend {
+                Backend::Epoll => "; io_uring keeps connections out of the process table",
+                Backend::Uring => "; more shards spread the connections over more rings",
+            });
         }
     }
     out.fix_command = fixes.join(" ; or ");
