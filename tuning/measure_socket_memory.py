@@ -95,7 +95,7 @@ def snapshot():
     return slab_bytes(), meminfo(), sockstat_tcp()
 
 
-def open_pairs(count, hold_read_end, setup_reader=None, setup_listener=None):
+def open_pairs(count, setup_reader=None, setup_listener=None):
     """Opens `count` loopback pairs; the accepted ends live in a forked child.
 
     Returns (listener, client sockets, child pid, pipe to release the child).
@@ -146,7 +146,7 @@ def release(listener, clients, pid, release_w):
 
 def idle(pairs):
     slab0, mem0, tcp0 = snapshot()
-    handles = open_pairs(pairs, hold_read_end=True)
+    handles = open_pairs(pairs)
     slab1, mem1, tcp1 = snapshot()
     release(*handles)
     sockets = 2 * pairs
@@ -193,7 +193,7 @@ def stalled(count, sndbuf):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
 
     _, _, tcp0 = snapshot()
-    handles = open_pairs(count, True, setup_reader=writer_buf, setup_listener=small_rcvbuf)
+    handles = open_pairs(count, setup_reader=writer_buf, setup_listener=small_rcvbuf)
     queued = 0
     deadline = time.monotonic() + 60
     for c in handles[1]:
