@@ -40,7 +40,12 @@ impl Scripted {
     fn new(connections: u32) -> Scripted {
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         Scripted {
-            pending: (0..connections).map(|i| Event::Accepted { handle: Handle(i), peer }).collect(),
+            pending: (0..connections)
+                .map(|i| Event::Accepted {
+                    handle: Handle(i),
+                    peer,
+                })
+                .collect(),
             requests: HashMap::new(),
             registered: Vec::new(),
             bytes_sent: 0,
@@ -55,7 +60,13 @@ impl Backend for Scripted {
     fn poll(&mut self, events: &mut Vec<Event>, _timeout: Duration) -> io::Result<()> {
         events.extend(self.pending.drain(..));
         for token in self.registered.drain(..) {
-            events.push(Event::Ready { token, readable: true, writable: true, hangup: false, error: false });
+            events.push(Event::Ready {
+                token,
+                readable: true,
+                writable: true,
+                hangup: false,
+                error: false,
+            });
         }
         Ok(())
     }
@@ -124,7 +135,15 @@ fn frame_encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("frame_encode");
     group.throughput(Throughput::Elements(1));
     group.bench_function("200B", |b| {
-        b.iter(|| Frame::event(1_882_875_186_266_505_216, 1, topics.clone(), Some("tick"), &data))
+        b.iter(|| {
+            Frame::event(
+                1_882_875_186_266_505_216,
+                1,
+                topics.clone(),
+                Some("tick"),
+                &data,
+            )
+        })
     });
     group.finish();
 }
@@ -156,13 +175,17 @@ fn fan_out(c: &mut Criterion) {
     for &subscribers in sizes {
         let (mut shard, hub) = shard_with_subscribers(subscribers);
         group.throughput(Throughput::Elements(subscribers as u64));
-        group.bench_with_input(BenchmarkId::new("200B_event", subscribers), &subscribers, |b, _| {
-            b.iter_batched(
-                || hub.publish(Box::new(["bench".into()]), None, &data),
-                |_| shard.turn().unwrap(),
-                BatchSize::SmallInput,
-            )
-        });
+        group.bench_with_input(
+            BenchmarkId::new("200B_event", subscribers),
+            &subscribers,
+            |b, _| {
+                b.iter_batched(
+                    || hub.publish(Box::new(["bench".into()]), None, &data),
+                    |_| shard.turn().unwrap(),
+                    BatchSize::SmallInput,
+                )
+            },
+        );
     }
     group.finish();
 }

@@ -19,7 +19,7 @@ use anyhow::Context;
 
 use crate::backend::epoll::Epoll;
 use crate::backend::Waker;
-use crate::config::{BackendChoice, Config, ServeArgs};
+use crate::config::{Config, ServeArgs};
 use crate::http::Limits;
 use crate::hub::Hub;
 use crate::metrics::ShardStats;
@@ -38,16 +38,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         crate::net::raise_open_file_limit().context("reading the open-file limit")?;
     let config = args.resolve(open_files_max)?;
     init_logging(&config.log_level);
-    if config.connections_max + crate::config::FD_RESERVE > open_files_max
-        && config.backend == BackendChoice::Epoll
-    {
-        log::warn!(
-            "--connections-max {} plus {} reserved descriptors exceeds the open-file limit {}: \
-             accepts will fail with EMFILE first (see tuning/GUIDE.md#open-file-limits)",
-            config.connections_max,
-            crate::config::FD_RESERVE,
-            open_files_max
-        );
+    // One warning per host knob that would stop `--connections-max`
+    // connections, instead of EMFILE under load later.
+    for warning in crate::check::startup_warnings(
+        config.connections_max as u64,
+        config.backend.name(),
+        config.shards,
+        config.backlog,
+        config.socket_send_buffer_bytes as u64,
+    ) {
+        log::warn!("{warning}");
     }
     let listeners = crate::net::bind_all(&config)?;
     let addresses: Vec<_> = listeners[0]
