@@ -608,20 +608,19 @@ impl<B: Backend> Shard<B> {
                 Io::Done(_) => {}
                 Io::Blocked => return,
                 Io::Eof => {
+                    // Answer what was fully read, then close: a subscriber's
+                    // stream ends at once (a half-close is the end), a
+                    // request's answer is flushed first.
                     conn.peer_done = true;
                     self.process_input(slot);
                     let conn = self.conn(slot);
-                    if conn.closing.is_none()
-                        && conn.close_after_flush.is_none()
-                        && conn.phase != Phase::Stream
-                    {
-                        // Nothing complete is left to answer.
-                        let pending = conn.outbox.is_some();
-                        if pending {
-                            conn.close_after_flush = Some(CloseReason::PeerClosed);
-                        } else {
-                            self.mark_close(slot, CloseReason::PeerClosed);
-                        }
+                    if conn.closing.is_some() || conn.close_after_flush.is_some() {
+                        return;
+                    }
+                    if conn.phase == Phase::Stream || conn.outbox.is_none() {
+                        self.mark_close(slot, CloseReason::PeerClosed);
+                    } else {
+                        conn.close_after_flush = Some(CloseReason::PeerClosed);
                     }
                     return;
                 }
@@ -807,9 +806,13 @@ impl<B: Backend> Shard<B> {
         self.respond_and_close(slot, &frame, CloseReason::BadRequest);
     }
 
-    /// Writes a last frame, then closes once it is flushed.
+    /// Writes a last frame, then closes once it is flushed — or, if the peer
+    /// does not take it, when the flush deadline (the handshake timeout) passes.
     fn respond_and_close(&mut self, slot: u32, frame: &Arc<Frame>, reason: CloseReason) {
-        self.conn(slot).close_after_flush = Some(reason);
+        let deadline_ms = self.now_ms + self.shared.config.handshake_timeout.as_millis() as u64;
+        let conn = self.conn(slot);
+        conn.close_after_flush = Some(reason);
+        conn.deadline_ms = deadline_ms;
         self.send(slot, frame);
         self.close_if_flushed(slot);
     }
@@ -1163,13 +1166,21 @@ impl<B: Backend> Shard<B> {
         }
         match conn.phase {
             Phase::Head | Phase::Body => {
-                if now_ms >= conn.deadline_ms && conn.close_after_flush.is_none() {
-                    self.mark_close(slot, CloseReason::HandshakeTimeout);
+                if now_ms >= conn.deadline_ms {
+                    let reason = conn
+                        .close_after_flush
+                        .unwrap_or(CloseReason::HandshakeTimeout);
+                    self.mark_close(slot, reason);
                 }
             }
             Phase::Stream => {
                 if now_ms >= conn.deadline_ms {
-                    self.end_stream(slot, CloseReason::Lifetime);
+                    // The first deadline ends the stream; the second (the flush
+                    // deadline `end_stream` set) closes it if the end was not taken.
+                    match conn.close_after_flush {
+                        Some(reason) => self.mark_close(slot, reason),
+                        None => self.end_stream(slot, CloseReason::Lifetime),
+                    }
                 } else if heartbeat_ms > 0
                     && conn.outbox.is_none()
                     && now_ms.saturating_sub(conn.last_write_ms) >= heartbeat_ms
