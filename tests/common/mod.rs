@@ -469,6 +469,14 @@ impl Server {
         })
     }
 
+    /// `plenum_connections_open` with no client connected but the scrape itself: the
+    /// least of three scrapes (a previous scrape's connection may still be closing).
+    pub fn baseline_connections_open(&self) -> f64 {
+        (0..3)
+            .map(|_| self.metrics().connections_open())
+            .fold(f64::INFINITY, f64::min)
+    }
+
     /// Polls `/metrics` until `predicate` holds; panics after `timeout` with `what`
     /// and the last scrape. Returns the scrape that satisfied the predicate.
     pub fn wait_for_metrics(
@@ -1274,7 +1282,7 @@ impl Subscribe {
         self
     }
 
-    pub fn from_ip(mut self, source: IpAddr) -> Subscribe {
+    pub fn source_ip(mut self, source: IpAddr) -> Subscribe {
         self.source = Some(source);
         self
     }
