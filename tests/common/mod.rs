@@ -1365,6 +1365,12 @@ impl SseClient {
         let mut conn = HttpConn::connect_from(addr, request.source, request.recv_buffer_bytes)
             .map_err(OpenError::Io)?;
         conn.send(&request.request_bytes()).map_err(OpenError::Io)?;
+        SseClient::open_on(conn)
+    }
+
+    /// Reads a subscription's answer on a connection whose request was already sent
+    /// (for requests written by hand, e.g. one byte at a time).
+    pub fn open_on(mut conn: HttpConn) -> Result<SseClient, OpenError> {
         let head = conn.read_head(IO_TIMEOUT).map_err(OpenError::Io)?;
         if head.status != 200 {
             // Re-read as a whole response to get the body: push the head back.
