@@ -1028,6 +1028,7 @@ pub fn publish_target(topics: &[&str], event: Option<&str>) -> String {
 pub struct Publisher {
     addr: SocketAddr,
     token: Option<String>,
+    source: Option<IpAddr>,
     conn: Option<HttpConn>,
 }
 
@@ -1036,8 +1037,16 @@ impl Publisher {
         Publisher {
             addr,
             token,
+            source: None,
             conn: None,
         }
+    }
+
+    /// Publishes from the local address `source` (for per-address limits).
+    pub fn with_source(mut self, source: IpAddr) -> Publisher {
+        self.source = Some(source);
+        self.conn = None;
+        self
     }
 
     /// Publishes and returns the id; panics unless the answer is `200` with an id.
@@ -1070,7 +1079,7 @@ impl Publisher {
         }
         for attempt in 0..2 {
             if self.conn.is_none() {
-                self.conn = Some(HttpConn::connect(self.addr)?);
+                self.conn = Some(HttpConn::connect_from(self.addr, self.source, None)?);
             }
             let conn = self.conn.as_mut().unwrap();
             let reused = conn.responses_read > 0;
