@@ -27,7 +27,12 @@ struct Case {
 }
 
 fn case(what: &'static str, request: impl Into<Vec<u8>>, status: u16) -> Case {
-    Case { what, request: request.into(), status, allow: None }
+    Case {
+        what,
+        request: request.into(),
+        status,
+        allow: None,
+    }
 }
 
 /// A publish request with the token, so the token is never what fails.
@@ -35,8 +40,12 @@ fn publish(target: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
     let mut request = format!(
         "POST {target} HTTP/1.1\r\nHost: plenum.test\r\nAuthorization: Bearer {TOKEN}\r\n{extra_headers}"
     );
-    if !extra_headers.to_ascii_lowercase().contains("content-length")
-        && !extra_headers.to_ascii_lowercase().contains("transfer-encoding")
+    if !extra_headers
+        .to_ascii_lowercase()
+        .contains("content-length")
+        && !extra_headers
+            .to_ascii_lowercase()
+            .contains("transfer-encoding")
     {
         request.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
@@ -112,9 +121,17 @@ fn cases() -> Vec<Case> {
         let what: &'static str = Box::leak(format!("subscribe topic with {name}").into_boxed_str());
         cases.push(case(what, get(&format!("/events?topic=a{escaped}b")), 400));
         let what: &'static str = Box::leak(format!("publish topic with {name}").into_boxed_str());
-        cases.push(case(what, publish(&format!("/publish?topic=a{escaped}b"), "", b"x"), 400));
+        cases.push(case(
+            what,
+            publish(&format!("/publish?topic=a{escaped}b"), "", b"x"),
+            400,
+        ));
         let what: &'static str = Box::leak(format!("event type with {name}").into_boxed_str());
-        cases.push(case(what, publish(&format!("/publish?topic=a&event=x{escaped}y"), "", b"x"), 400));
+        cases.push(case(
+            what,
+            publish(&format!("/publish?topic=a&event=x{escaped}y"), "", b"x"),
+            400,
+        ));
     }
     cases
 }
@@ -306,7 +323,7 @@ backend_tests! {
         while junk.len() < 64 * 1024 {
             junk.extend_from_slice(b"GET /events?topic=b HTTP/1.1\r\nHost: x\r\n\r\nPOST /publish?topic=a HTTP/1.1\r\nContent-Length: 3\r\n\r\nbad");
         }
-        (&*client.stream()).write_all(&junk).unwrap();
+        client.stream().write_all(&junk).unwrap();
         let mut ids = Vec::new();
         for n in 0..5 {
             ids.push(server.publish(&["a"], None, format!("after{n}")));

@@ -14,19 +14,34 @@ use common::*;
 /// message on stderr that contains one of `keywords` (case-insensitive).
 fn assert_rejected(backend: Backend, args: &[&str], keywords: &[&str]) {
     let failure = match Server::try_start(backend, args) {
-        Ok(server) => panic!("plenum serve {args:?} started on {}; it must be rejected", server.addr()),
+        Ok(server) => panic!(
+            "plenum serve {args:?} started on {}; it must be rejected",
+            server.addr()
+        ),
         Err(failure) => failure,
     };
-    assert!(!failure.timed_out, "{args:?}: hung instead of exiting:\n{}", failure.stderr);
-    let status = failure.status.unwrap_or_else(|| panic!("{args:?}: did not exit"));
-    assert!(!status.success(), "{args:?}: exit status must be non-zero, got {status}");
+    assert!(
+        !failure.timed_out,
+        "{args:?}: hung instead of exiting:\n{}",
+        failure.stderr
+    );
+    let status = failure
+        .status
+        .unwrap_or_else(|| panic!("{args:?}: did not exit"));
+    assert!(
+        !status.success(),
+        "{args:?}: exit status must be non-zero, got {status}"
+    );
     let message = failure.stderr.to_lowercase();
     assert!(
         keywords.iter().any(|k| message.contains(&k.to_lowercase())),
         "{args:?}: the message must name the problem (one of {keywords:?}), got:\n{}",
         failure.stderr
     );
-    assert!(!failure.stdout.contains("listening"), "{args:?}: printed a listening line");
+    assert!(
+        !failure.stdout.contains("listening"),
+        "{args:?}: printed a listening line"
+    );
 }
 
 /// A TOML file in the temp dir, removed on drop.
@@ -34,7 +49,8 @@ struct ConfigFile(PathBuf);
 
 impl ConfigFile {
     fn new(name: &str, text: &str) -> ConfigFile {
-        let path = std::env::temp_dir().join(format!("plenum-test-{}-{name}.toml", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("plenum-test-{}-{name}.toml", std::process::id()));
         std::fs::write(&path, text).unwrap();
         ConfigFile(path)
     }

@@ -53,7 +53,12 @@ fn assert_reclaimed(
         - closed_before
         - 1.0
         - (after.closed("completed") - before.closed("completed"));
-    assert_eq!(other_closes, 0.0, "unexpected close reasons:\n{}", after.plenum_lines());
+    assert_eq!(
+        other_closes,
+        0.0,
+        "unexpected close reasons:\n{}",
+        after.plenum_lines()
+    );
     println!("reclaimed in {elapsed:?}");
 }
 

@@ -11,12 +11,20 @@ use common::*;
 
 const TOPICS: [&str; 4] = ["alpha", "beta", "gamma", "delta"];
 const SUBSCRIBERS: usize = 200;
+
+/// (what, event type, published body, expected `data:` lines)
+type FrameCase = (
+    &'static str,
+    Option<&'static str>,
+    &'static [u8],
+    &'static [&'static str],
+);
 const EVENTS_PER_PUBLISHER: usize = 60;
 
 /// Subscriber `i` listens to topic `i % 4`; every fifth also to the next topic.
 fn subscription(i: usize) -> Vec<&'static str> {
     let mut topics = vec![TOPICS[i % 4]];
-    if i % 5 == 0 {
+    if i.is_multiple_of(5) {
         topics.push(TOPICS[(i + 1) % 4]);
     }
     topics
@@ -26,7 +34,7 @@ fn subscription(i: usize) -> Vec<&'static str> {
 /// the two-topic subscribers of that pair must get it exactly once.
 fn destination(k: usize) -> Vec<&'static str> {
     let mut topics = vec![TOPICS[k % 4]];
-    if k % 7 == 0 {
+    if k.is_multiple_of(7) {
         topics.push(TOPICS[(k + 1) % 4]);
     }
     topics
@@ -118,7 +126,7 @@ backend_tests! {
         let server = Server::start(backend, &[]);
         let mut client = server.subscribe(&["frames"]);
         // (what, event type, body, expected data: lines)
-        let cases: &[(&str, Option<&str>, &[u8], &[&str])] = &[
+        let cases: &[FrameCase] = &[
             ("CRLF, CR and LF each split once", None, b"a\r\nb\rc\nd", &["a", "b", "c", "d"]),
             ("an empty body is one empty data line", None, b"", &[""]),
             ("empty lines inside are kept", None, b"a\n\nb", &["a", "", "b"]),

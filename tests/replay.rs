@@ -53,7 +53,9 @@ fn resume_while_publishing(backend: Backend, how: Resume) {
         let mut client = Some(first);
         loop {
             let mut current = client.take().unwrap_or_else(|| {
-                let last = *received.last().expect("read at least one event before resuming");
+                let last = *received
+                    .last()
+                    .expect("read at least one event before resuming");
                 let oldest = received[0];
                 let request = match how {
                     Resume::Header => Subscribe::topics(&["live"]).last_event_id_header(last),
@@ -67,7 +69,10 @@ fn resume_while_publishing(backend: Backend, how: Resume) {
             });
             for _ in 0..EVENTS_PER_CONNECTION {
                 let event = current.expect_event(IO_TIMEOUT, "resumed stream");
-                assert!(!event.is_gap(), "exact resume must not signal a gap: {event:?}");
+                assert!(
+                    !event.is_gap(),
+                    "exact resume must not signal a gap: {event:?}"
+                );
                 received.push(event.id());
                 if received.len() == LIVE_EVENTS {
                     break;
@@ -81,7 +86,10 @@ fn resume_while_publishing(backend: Backend, how: Resume) {
         (publisher.join().unwrap(), received, reconnects)
     });
 
-    assert!(reconnects >= 3, "the test must exercise several seams, got {reconnects}");
+    assert!(
+        reconnects >= 3,
+        "the test must exercise several seams, got {reconnects}"
+    );
     assert_strictly_increasing(&received, &format!("{how:?}"));
     assert_eq!(received, published, "{how:?}: gap or duplicate at a seam");
     server.wait_for_metrics(IO_TIMEOUT, "every resume counted as a replay", |m| {
@@ -118,7 +126,10 @@ fn expect_ids(client: &mut SseClient, ids: &[u64], context: &str) {
 /// After a replay the stream continues live: one more event arrives next.
 fn expect_live(server: &Server, client: &mut SseClient, topic: &str) {
     let id = server.publish(&[topic], None, "live after replay");
-    assert_eq!(client.expect_event(IO_TIMEOUT, "live after replay").id(), id);
+    assert_eq!(
+        client.expect_event(IO_TIMEOUT, "live after replay").id(),
+        id
+    );
 }
 
 backend_tests! {

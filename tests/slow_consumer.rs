@@ -35,11 +35,7 @@ struct Outcome {
 
 /// Runs the scenario and waits (up to `close_within`) until the stalled reader is
 /// closed with one of `reasons`.
-fn stalled_next_to_healthy(
-    server: &Server,
-    reasons: &[&str],
-    close_within: Duration,
-) -> Outcome {
+fn stalled_next_to_healthy(server: &Server, reasons: &[&str], close_within: Duration) -> Outcome {
     let mut healthy = server.subscribe(&["feed"]);
     let stalled = Subscribe::topics(&["feed"])
         .recv_buffer(STALLED_RECV_BUFFER)
@@ -74,16 +70,27 @@ fn stalled_next_to_healthy(
                     .expect("the healthy subscriber stopped receiving");
                 acknowledged += 1;
             }
-            published.push(publisher.publish(&["feed"], None, payload(n as u64, EVENT_BYTES).as_bytes()));
+            published.push(publisher.publish(
+                &["feed"],
+                None,
+                payload(n as u64, EVENT_BYTES).as_bytes(),
+            ));
         }
         let (healthy, events) = reader.join().unwrap();
         drop(healthy);
         (published, events)
     });
     let received_ids: Vec<u64> = received.iter().map(Event::id).collect();
-    assert_eq!(received_ids, published, "the healthy subscriber must receive every event in order");
+    assert_eq!(
+        received_ids, published,
+        "the healthy subscriber must receive every event in order"
+    );
     for (n, event) in received.iter().enumerate() {
-        assert_eq!(event.data(), payload(n as u64, EVENT_BYTES), "healthy data of event {n}");
+        assert_eq!(
+            event.data(),
+            payload(n as u64, EVENT_BYTES),
+            "healthy data of event {n}"
+        );
     }
 
     let metrics = server.wait_for_metrics(
@@ -91,7 +98,13 @@ fn stalled_next_to_healthy(
         &format!("the stalled reader closed with {reasons:?}"),
         |m| reason_count(m) == count_before + 1.0,
     );
-    Outcome { published, started, closed_seen: Instant::now(), stalled, metrics }
+    Outcome {
+        published,
+        started,
+        closed_seen: Instant::now(),
+        stalled,
+        metrics,
+    }
 }
 
 /// Reads what the stalled reader got before its close: the events must be a
@@ -104,12 +117,17 @@ fn assert_stalled_got_prefix(stalled: TcpStream, published: &[u64]) -> StreamEnd
         match read_some(&mut stream, &mut bytes, deadline) {
             Ok(0) => break StreamEnd::Eof,
             Ok(_) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break StreamEnd::Reset,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                break StreamEnd::Reset
+            }
             Err(error) if error.kind() == std::io::ErrorKind::TimedOut => break StreamEnd::Timeout,
             Err(error) => break StreamEnd::Error(error.kind()),
         }
     };
-    assert!(end.is_closed(), "the stalled reader's connection must be closed, got {end:?}");
+    assert!(
+        end.is_closed(),
+        "the stalled reader's connection must be closed, got {end:?}"
+    );
     let body_start = bytes
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

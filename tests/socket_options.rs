@@ -17,7 +17,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd, AsRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 
 use common::*;
@@ -34,7 +34,11 @@ struct Expected {
 
 fn socket_inode_of_connection(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
     let hex_v4 = |addr: SocketAddr| match addr {
-        SocketAddr::V4(v4) => format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port()),
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
         SocketAddr::V6(_) => unreachable!("tests listen on IPv4"),
     };
     let (local, remote) = (hex_v4(local), hex_v4(remote));
@@ -50,19 +54,26 @@ fn socket_inode_of_connection(local: SocketAddr, remote: SocketAddr) -> Option<u
 /// The server's fd number for the socket with `inode`.
 fn fd_of_inode(pid: u32, inode: u64) -> Option<i32> {
     let wanted = format!("socket:[{inode}]");
-    std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.find_map(|entry| {
-        let entry = entry.ok()?;
-        let target = std::fs::read_link(entry.path()).ok()?;
-        (target.to_string_lossy() == wanted).then(|| entry.file_name().to_string_lossy().parse().ok())?
-    })
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .find_map(|entry| {
+            let entry = entry.ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            (target.to_string_lossy() == wanted)
+                .then(|| entry.file_name().to_string_lossy().parse().ok())?
+        })
 }
 
 /// A duplicate, in this process, of the server's accepted socket for `client`.
 fn fetch_server_socket(server: &Server, client: SocketAddr) -> OwnedFd {
     let inode = socket_inode_of_connection(server.addr(), client)
         .unwrap_or_else(|| panic!("no /proc/net/tcp entry for {} <- {client}", server.addr()));
-    let target_fd = fd_of_inode(server.pid(), inode)
-        .unwrap_or_else(|| panic!("server pid {} has no fd for socket inode {inode}", server.pid()));
+    let target_fd = fd_of_inode(server.pid(), inode).unwrap_or_else(|| {
+        panic!(
+            "server pid {} has no fd for socket inode {inode}",
+            server.pid()
+        )
+    });
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, server.pid() as libc::pid_t, 0) };
     if pidfd < 0 {
@@ -74,7 +85,10 @@ fn fetch_server_socket(server: &Server, client: SocketAddr) -> OwnedFd {
     // a new fd in this process or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) };
     if fd < 0 {
-        skip(format!("pidfd_getfd (needs ptrace rights over the server): {}", std::io::Error::last_os_error()));
+        skip(format!(
+            "pidfd_getfd (needs ptrace rights over the server): {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: pidfd_getfd returned a new descriptor that nothing else owns.
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
@@ -85,50 +99,105 @@ fn getsockopt_int(fd: &OwnedFd, level: libc::c_int, name: libc::c_int) -> i32 {
     let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: value and length point at a c_int and its size, valid for the call.
     let result = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), level, name, (&mut value as *mut libc::c_int).cast(), &mut length)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut length,
+        )
     };
-    assert_eq!(result, 0, "getsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        result,
+        0,
+        "getsockopt({level}, {name}): {}",
+        std::io::Error::last_os_error()
+    );
     value
 }
 
 fn check_with_getsockopt(server: &Server, client: SocketAddr, expected: &Expected, context: &str) {
     let fd = fetch_server_socket(server, client);
     let read = |level, name| getsockopt_int(&fd, level, name);
-    assert_eq!(read(libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0, expected.keepalive, "{context}: SO_KEEPALIVE");
+    assert_eq!(
+        read(libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0,
+        expected.keepalive,
+        "{context}: SO_KEEPALIVE"
+    );
     if let Some(idle) = expected.keepidle_s {
-        assert_eq!(read(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), idle, "{context}: TCP_KEEPIDLE");
+        assert_eq!(
+            read(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            idle,
+            "{context}: TCP_KEEPIDLE"
+        );
     }
     if let Some(interval) = expected.keepintvl_s {
-        assert_eq!(read(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), interval, "{context}: TCP_KEEPINTVL");
+        assert_eq!(
+            read(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            interval,
+            "{context}: TCP_KEEPINTVL"
+        );
     }
     if let Some(count) = expected.keepcnt {
-        assert_eq!(read(libc::IPPROTO_TCP, libc::TCP_KEEPCNT), count, "{context}: TCP_KEEPCNT");
+        assert_eq!(
+            read(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            count,
+            "{context}: TCP_KEEPCNT"
+        );
     }
-    assert_eq!(read(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), expected.user_timeout_ms, "{context}: TCP_USER_TIMEOUT");
-    assert_eq!(read(libc::IPPROTO_TCP, libc::TCP_NODELAY), 1, "{context}: TCP_NODELAY");
+    assert_eq!(
+        read(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+        expected.user_timeout_ms,
+        "{context}: TCP_USER_TIMEOUT"
+    );
+    assert_eq!(
+        read(libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        1,
+        "{context}: TCP_NODELAY"
+    );
     if let Some(sndbuf) = expected.sndbuf_set {
-        assert_eq!(read(libc::SOL_SOCKET, libc::SO_SNDBUF), 2 * sndbuf, "{context}: SO_SNDBUF (reads back doubled)");
+        assert_eq!(
+            read(libc::SOL_SOCKET, libc::SO_SNDBUF),
+            2 * sndbuf,
+            "{context}: SO_SNDBUF (reads back doubled)"
+        );
     }
 }
 
 /// What `ss -tnoim` prints for the server side of the connection to `client`.
 fn ss_line(server: &Server, client: SocketAddr) -> String {
-    let filter = format!("( sport = :{} and dport = :{} )", server.port(), client.port());
-    let output = match Command::new("ss").args(["-tnoim", "state", "established", &filter]).output() {
+    let filter = format!(
+        "( sport = :{} and dport = :{} )",
+        server.port(),
+        client.port()
+    );
+    let output = match Command::new("ss")
+        .args(["-tnoim", "state", "established", &filter])
+        .output()
+    {
         Ok(output) => output,
         Err(error) => skip(format!("ss (iproute2) is not available: {error}")),
     };
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(text.contains(&format!(":{}", client.port())), "ss shows no such connection:\n{text}");
+    assert!(
+        text.contains(&format!(":{}", client.port())),
+        "ss shows no such connection:\n{text}"
+    );
     text
 }
 
 fn check_with_ss(server: &Server, client: SocketAddr, expected: &Expected, context: &str) {
     let text = ss_line(server, client);
-    let timer = text.split("timer:(").nth(1).map(|rest| rest.split(')').next().unwrap_or(""));
+    let timer = text
+        .split("timer:(")
+        .nth(1)
+        .map(|rest| rest.split(')').next().unwrap_or(""));
     if expected.keepalive {
         let timer = timer.unwrap_or_else(|| panic!("{context}: no timer in ss output:\n{text}"));
-        assert!(timer.starts_with("keepalive,"), "{context}: timer {timer:?}, expected keepalive");
+        assert!(
+            timer.starts_with("keepalive,"),
+            "{context}: timer {timer:?}, expected keepalive"
+        );
         if let Some(idle) = expected.keepidle_s {
             // "keepalive,6.796ms,0" or "keepalive,6.8sec,0": the number is what is left.
             let left: f64 = timer["keepalive,".len()..]
@@ -137,10 +206,16 @@ fn check_with_ss(server: &Server, client: SocketAddr, expected: &Expected, conte
                 .next()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or_else(|| panic!("{context}: unreadable timer {timer:?}"));
-            assert!(left > 0.0 && left <= idle as f64, "{context}: keepalive due in {left}, idle is {idle} s");
+            assert!(
+                left > 0.0 && left <= idle as f64,
+                "{context}: keepalive due in {left}, idle is {idle} s"
+            );
         }
     } else {
-        assert!(!timer.is_some_and(|t| t.starts_with("keepalive")), "{context}: keepalive armed:\n{text}");
+        assert!(
+            !timer.is_some_and(|t| t.starts_with("keepalive")),
+            "{context}: keepalive armed:\n{text}"
+        );
     }
     if let Some(sndbuf) = expected.sndbuf_set {
         let tb = text
