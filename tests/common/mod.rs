@@ -282,7 +282,10 @@ impl Server {
     /// Like [`Server::start`], but returns the failure instead of panicking (for
     /// config validation tests). Still skips when io_uring is unavailable.
     pub fn try_start(backend: Backend, args: &[&str]) -> Result<Server, StartFailure> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_plenum"));
+        // `PLENUM_TEST_SERVER_BIN` runs the suite against another build of the server.
+        let program = std::env::var_os("PLENUM_TEST_SERVER_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_plenum").into());
+        let mut command = Command::new(&program);
         command.arg("serve");
         if flag_value(args, "--listen").is_none() {
             command.args(["--listen", "127.0.0.1:0"]);
@@ -295,9 +298,9 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap_or_else(|error| {
-            panic!("cannot spawn {}: {error}", env!("CARGO_BIN_EXE_plenum"))
-        });
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot spawn {program:?}: {error}"));
         let pid = child.id();
 
         let stderr = Arc::new(Mutex::new(LogTail::default()));
