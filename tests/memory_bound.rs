@@ -48,6 +48,8 @@ const SHARD_INBOX_EVENTS: u64 = 8192;
 const REQUEST_HEAD_BYTES_MAX: u64 = 8 * KIB;
 const PUBLISH_BODY_BYTES_MAX: u64 = 64 * KIB;
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a wave of stalled subscribers needs events flowing to be closed.
+const WAVE_MARGIN: Duration = Duration::from_secs(8);
 
 const PER_CONNECTION_BYTES_MAX: u64 = 2 * KIB;
 const PER_EVENT_OVERHEAD_BYTES: u64 = 256;
@@ -90,6 +92,7 @@ backend_tests! {
             + ALLOCATOR_SLACK_BYTES;
 
         let mut healthy = server.subscribe(&["flood"]);
+        let flood_started = Instant::now();
         let stop = AtomicBool::new(false);
         let stop = &stop;
         // The last published id, once known (0 before): the healthy reader stops there.
@@ -121,7 +124,8 @@ backend_tests! {
                         std::thread::sleep(wait);
                     }
                 }
-                ids
+                // Handed back so its close does not count before the check below.
+                (ids, publisher)
             });
             let reader = scope.spawn(move || {
                 let mut ids: Vec<u64> = Vec::new();
@@ -150,7 +154,9 @@ backend_tests! {
             // ephemeral-port pressure), until the flood ends.
             let mut stalled_total = 0usize;
             let mut wave = 0usize;
-            while !publisher.is_finished() {
+            // A wave needs events flowing until it is closed: none starts in the
+            // flood's last WAVE_MARGIN.
+            while flood_started.elapsed() + WAVE_MARGIN < run_for || wave == 0 {
                 let source = loopback(10 + (wave % 200) as u8);
                 let request = Subscribe::topics(&["flood"]).recv_buffer(4096).source_ip(source);
                 let sockets: Vec<_> = (0..STALLED_PER_WAVE)
@@ -165,7 +171,7 @@ backend_tests! {
                 drop(sockets);
                 wave += 1;
             }
-            let published = publisher.join().unwrap();
+            let (published, _publisher_connection) = publisher.join().unwrap();
             last_id.store(*published.last().unwrap(), Ordering::Relaxed);
             let (_healthy, healthy_ids) = reader.join().unwrap();
             stop.store(true, Ordering::Relaxed);
