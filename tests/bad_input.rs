@@ -180,8 +180,9 @@ backend_tests! {
         server.wait_for_metrics(IO_TIMEOUT, "malformed requests counted as bad_request", |m| {
             m.closed("bad_request") >= bad_requests_before + closing_cases
         });
-        let metrics = server.metrics();
-        assert_eq!(metrics.subscribers_open(), 1.0, "the healthy subscriber is still there");
+        server.wait_for_metrics(IO_TIMEOUT, "the healthy subscriber is still there", |m| {
+            m.subscribers_open() == 1.0
+        });
     }
 
     fn request_head_trickled_within_deadline_is_served(backend: Backend) {
@@ -332,8 +333,10 @@ backend_tests! {
         let want: Vec<(u64, String)> = ids.iter().enumerate().map(|(n, id)| (*id, format!("after{n}"))).collect();
         assert_eq!(got, want, "the junk must neither publish nor disturb the stream");
         assert!(client.unknown_lines().is_empty(), "junk echoed into the stream: {:?}", client.unknown_lines());
-        let metrics = server.metrics();
-        assert_eq!(metrics.subscribers_open(), 1.0);
+        let metrics = server.wait_for_metrics(IO_TIMEOUT, "six publishes counted", |m| {
+            m.counter("plenum_events_published_total") >= 6.0
+        });
         assert_eq!(metrics.counter("plenum_events_published_total"), 6.0, "the junk published something");
+        assert_eq!(metrics.subscribers_open(), 1.0, "the subscriber sending junk is still subscribed");
     }
 }

@@ -49,8 +49,9 @@ backend_tests! {
             .collect();
         // Contract reading: once a client has read the opening `:ok`, its subscription
         // is live and every event published afterwards reaches it.
-        let metrics = server.metrics();
-        assert_eq!(metrics.subscribers_open(), SUBSCRIBERS as f64, "subscribers_open");
+        server.wait_for_metrics(IO_TIMEOUT, "every subscriber counted", |m| {
+            m.subscribers_open() == SUBSCRIBERS as f64
+        });
 
         // Two publishers at once, each on its own keep-alive connection, so the
         // sequencer sees concurrent publishes.
