@@ -18,6 +18,12 @@
 //! - [`Metrics`] is a parsed `/metrics` scrape with label-order-insensitive lookup.
 //! - [`wait_until`] polls server-side state that has no client-visible event (a
 //!   metric). Tests never use a bare sleep to synchronise with the server.
+//!
+//! Environment: `CI=true` turns skips into failures; `PLENUM_TEST_SERVER_BIN=PATH`
+//! runs the suite against another server build; `PLENUM_MEMORY_BOUND_SECS=N`
+//! shortens the memory-bound flood (default 30 s). The suite expects
+//! `--test-threads=1` (heavy tests share 2 cores and the host's TCP memory), but
+//! every test has its own server and port and relies on no global state.
 
 #![allow(dead_code)] // Each test crate uses a different part of the harness.
 
