@@ -152,7 +152,7 @@ impl StreamTracker {
 /// Process-wide counters and histograms of received events.
 #[derive(Debug)]
 pub struct EventStats {
-    /// Events dispatched (every type).
+    /// Events dispatched (every type but the gap signal).
     pub events: u64,
     /// Events whose data held a `seq`.
     pub events_sequenced: u64,
@@ -263,12 +263,16 @@ impl SseSink for TrackerSink<'_> {
     fn dispatch(&mut self) {
         let tracker = &mut *self.tracker;
         let stats = &mut *self.stats;
-        tracker.events += 1;
-        stats.events += 1;
         if tracker.pending_is_gap {
+            // A signal about the stream, not an event of it: not counted in `events`.
             stats.gap_signals += 1;
             tracker.rebaseline = true;
-        } else if let Some(seq) = tracker.pending_seq {
+            tracker.end_of_event();
+            return;
+        }
+        tracker.events += 1;
+        stats.events += 1;
+        if let Some(seq) = tracker.pending_seq {
             stats.events_sequenced += 1;
             let rebaseline = std::mem::take(&mut tracker.rebaseline);
             let previous = tracker.last_seq;
