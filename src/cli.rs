@@ -14,6 +14,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the SSE server.
+    Serve(Box<crate::config::ServeArgs>),
     /// Load generator and dead-peer tester for any SSE server.
     Load(crate::load::LoadArgs),
     /// Check this host's limits for N connections and print what to change.
@@ -23,6 +25,7 @@ pub enum Command {
 /// Runs one subcommand to completion.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve(args) => crate::server::serve(*args),
         Command::Load(args) => crate::load::run(args),
         Command::CheckHost(args) => crate::check::run(args),
     }

@@ -6,4 +6,12 @@
 pub mod backend;
 pub mod check;
 pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod hub;
 pub mod load;
+pub mod metrics;
+pub mod net;
+pub mod server;
+pub mod shard;

@@ -1,6 +1,7 @@
-//! The load generator's only calls into the kernel that `std` and `socket2`
-//! do not wrap: epoll, `RLIMIT_NOFILE`, `getrusage`, `sysconf`,
-//! `IP_BIND_ADDRESS_NO_PORT`. Every `unsafe` block of `load/` is here.
+//! The load generator's only calls into the kernel that `std`, `socket2` and
+//! `rlimit` do not wrap: epoll, `getrusage`, `sysconf`,
+//! `IP_BIND_ADDRESS_NO_PORT`. Every `unsafe` block of `load/` is here but one
+//! (`kill` of our own child in `subscribe`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -58,9 +59,8 @@ impl Epoll {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-        Ok(Epoll {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Epoll { fd })
     }
 
     fn control(
@@ -116,22 +116,7 @@ impl Epoll {
 
 /// Raises the soft open-file limit to the hard limit; returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid rlimit the kernel fills in.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: `limit` is a valid rlimit the kernel only reads.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(limit.rlim_cur)
+    rlimit::increase_nofile_limit(u64::MAX)
 }
 
 /// CPU time used, in seconds: (user, system).
