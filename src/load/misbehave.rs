@@ -15,6 +15,12 @@
 //! `EPOLLRDHUP` and `EPOLLERR` need no read) for the server closing it, and
 //! reports how long that took.
 //!
+//! A stalled reader only sees a server's close if it is a reset: a FIN is
+//! queued behind the bytes the server could not send, which this client
+//! never takes, so a server that closes a stalled stream with a plain
+//! `close()` shows here as "still open at end" (and on the server host as a
+//! socket in FIN-WAIT-1 until the kernel gives up on it).
+//!
 //! About `vanish`: a killed process is not a silent peer. The kernel closes
 //! its sockets, sending FIN (or RST when unread data is queued), so on
 //! loopback this tests abrupt process death, which the server sees at once.
@@ -370,6 +376,12 @@ impl Engine {
         loop {
             let now = Instant::now();
             if now >= deadline || stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            // Nothing left to watch: every connection has been opened and closed.
+            if next_open == self.conns.len()
+                && self.conns.iter().all(|conn| conn.phase == Phase::Closed)
+            {
                 return Ok(());
             }
             // Open what the connect rate allows.

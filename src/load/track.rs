@@ -390,7 +390,10 @@ mod tests {
             (stats.gaps, stats.missing, stats.missing_signalled),
             (0, 0, 48)
         );
-        assert_eq!(stats.events, 3, "the gap signal is not an event of the stream");
+        assert_eq!(
+            stats.events, 3,
+            "the gap signal is not an event of the stream"
+        );
     }
 
     #[test]
