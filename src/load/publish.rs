@@ -360,13 +360,18 @@ impl Publisher {
                 sends += 1;
             }
             let mut wake = (now + WAIT_MAX).min(deadline);
-            if more_to_send_now(
-                &self.args,
-                next_index,
-                deadline,
-                due_at(next_index),
-                due_at(next_index),
-            ) {
+            // Wake for the next due event only when a connection is free to
+            // send it; otherwise a response (an epoll event) frees one.
+            let is_any_idle = self.conns.iter().any(|conn| conn.phase == Phase::Idle);
+            if is_any_idle
+                && more_to_send_now(
+                    &self.args,
+                    next_index,
+                    deadline,
+                    due_at(next_index),
+                    due_at(next_index),
+                )
+            {
                 wake = wake.min(due_at(next_index).max(now));
             }
             if let Some(retry) = self
