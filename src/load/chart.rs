@@ -72,6 +72,7 @@ where
         .map_err(plot_error)?;
     chart
         .configure_mesh()
+        .light_line_style(RGBColor(240, 240, 240))
         .x_desc("seconds since start")
         .y_desc("latency (ms)")
         .draw()
@@ -135,6 +136,7 @@ where
         .map_err(plot_error)?;
     chart
         .configure_mesh()
+        .light_line_style(RGBColor(240, 240, 240))
         .x_desc("seconds since start")
         .y_desc("RSS (MiB)")
         .draw()

@@ -81,28 +81,28 @@ pub enum Mode {
 #[derive(Debug, Clone, clap::Args)]
 pub struct MisbehaveArgs {
     /// Event stream URL, e.g. http://127.0.0.1:8080/events?topic=a.
-    #[arg(long, value_parser = super::parse_url)]
+    #[arg(long, value_name = "URL", value_parser = super::parse_url)]
     pub url: HttpUrl,
     /// Connections (at most 18000).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub connections: u64,
     /// What the connections do.
-    #[arg(long, value_enum)]
+    #[arg(long, value_name = "MODE", value_enum)]
     pub mode: Mode,
     /// Hard bound on the run.
-    #[arg(long, default_value = "30s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = super::parse_duration)]
     pub duration: Duration,
     /// New connections per second (0 = no limit).
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long, value_name = "PER_SEC", default_value_t = 1000.0)]
     pub connect_rate: f64,
     /// `stall`: SO_RCVBUF set before connect, in bytes.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, value_name = "BYTES", default_value_t = 4096)]
     pub receive_buffer_bytes: usize,
     /// `slowloris`: time between request bytes.
-    #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = super::parse_duration)]
     pub byte_interval: Duration,
     /// Write the report as JSON to this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }
 

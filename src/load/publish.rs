@@ -53,37 +53,37 @@ const SENDS_PER_TURN_MAX: usize = 4096;
 #[derive(Debug, Clone, clap::Args)]
 pub struct PublishArgs {
     /// Publish endpoint, e.g. http://127.0.0.1:8080/publish?topic=a.
-    #[arg(long, value_parser = super::parse_url)]
+    #[arg(long, value_name = "URL", value_parser = super::parse_url)]
     pub url: HttpUrl,
     /// Events per second (0 = as fast as the connections allow).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_name = "PER_SEC", default_value_t = 1.0)]
     pub rate: f64,
     /// Events to publish (default: until --duration).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// Hard bound on the whole run.
-    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = super::parse_duration)]
     pub duration: Duration,
     /// Body template: {seq} and {ts} (Unix ns at send) are substituted.
-    #[arg(long, default_value = "seq={seq} ts={ts}")]
+    #[arg(long, value_name = "TEMPLATE", default_value = "seq={seq} ts={ts}")]
     pub body: String,
     /// Pad each body with a space and 'x's to this many bytes.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub payload_bytes: usize,
     /// Send `Authorization: Bearer TOKEN`.
-    #[arg(long)]
+    #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
     /// Keep-alive connections (one request in flight on each).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub connections: usize,
     /// The first {seq}.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub seq_start: u64,
     /// A request unanswered this long counts as timed out and its connection is reopened.
-    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = super::parse_duration)]
     pub request_timeout: Duration,
     /// Write the report as JSON to this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }
 

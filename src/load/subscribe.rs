@@ -89,55 +89,55 @@ const CHILD_REPORT_BYTES_MAX: u64 = 256 * 1024 * 1024;
 pub struct SubscribeArgs {
     /// Event stream URL, e.g. http://127.0.0.1:8080/events?topic=a (http only;
     /// host an IP literal or localhost). Repeatable: connections round-robin.
-    #[arg(long = "url", required = true, value_parser = super::parse_url)]
+    #[arg(long = "url", value_name = "URL", required = true, value_parser = super::parse_url)]
     pub urls: Vec<HttpUrl>,
     /// Connections to hold.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub connections: u64,
     /// Child processes to spread them over [default: ⌈connections / 18000⌉].
-    #[arg(long)]
+    #[arg(long, value_name = "P")]
     pub processes: Option<u64>,
     /// Source addresses, round-robin: a list and/or inclusive IPv4 ranges,
     /// e.g. 127.0.0.2-127.0.0.20 (bound with IP_BIND_ADDRESS_NO_PORT).
-    #[arg(long, value_parser = super::parse_source_ips)]
+    #[arg(long, value_name = "LIST", value_parser = super::parse_source_ips)]
     pub source_ips: Option<IpList>,
     /// New connections per second, over all processes (0 = no limit).
-    #[arg(long, default_value_t = 10_000.0)]
+    #[arg(long, value_name = "PER_SEC", default_value_t = 10_000.0)]
     pub connect_rate: f64,
     /// Time from connect() to a complete response head before a connection
     /// counts as failed (timeout).
-    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = super::parse_duration)]
     pub connect_timeout: Duration,
     /// Hard bound on the whole run.
-    #[arg(long, default_value = "30s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = super::parse_duration)]
     pub duration: Duration,
     /// Stop early once every connection has received this many events.
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     pub expect_events: Option<u64>,
     /// Reopen streams the server ends (and failed attempts), sending
     /// Last-Event-ID, as a browser's EventSource does.
     #[arg(long)]
     pub reconnect: bool,
     /// Reconnect delay when the server sent no `retry:` hint.
-    #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = super::parse_duration)]
     pub reconnect_delay: Duration,
     /// Write the report as JSON to this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Write an SVG chart (latency percentiles, server RSS over time).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
     /// Sample this process's RSS, fds, threads and CPU during the run.
-    #[arg(long)]
+    #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
     /// Time between server samples.
-    #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = super::parse_duration)]
     pub sample_interval: Duration,
     /// Length of the latency windows in the report and chart.
-    #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = super::parse_duration)]
     pub window: Duration,
     /// Each child prints a progress line to stderr this often (0 = never).
-    #[arg(long, default_value = "5s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = super::parse_duration)]
     pub progress_interval: Duration,
 }
 
@@ -219,6 +219,17 @@ pub struct ChildReport {
 /// Runs `plenum load subscribe` (the parent).
 pub fn run(args: SubscribeArgs) -> anyhow::Result<ExitCode> {
     let plans = plan(&args, sys::unix_now_ns())?;
+    // Children inherit the raised limit; check it here so a wrong split fails
+    // before any connection is made, with the fix in the message.
+    let nofile = sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    let per_child_max = plans.iter().map(|plan| plan.slot_count).max().unwrap_or(0);
+    if per_child_max + FDS_SPARE > nofile {
+        let usable = nofile.saturating_sub(FDS_SPARE).max(1);
+        bail!(
+            "{per_child_max} connections per process, but a process may open only {nofile} files: use --processes {} or more",
+            args.connections.div_ceil(usable)
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))

@@ -19,16 +19,16 @@ use super::sys;
 #[derive(Debug, clap::Args)]
 pub struct WatchArgs {
     /// The process to watch.
-    #[arg(long)]
+    #[arg(long, value_name = "PID")]
     pub pid: u32,
     /// Time between samples.
-    #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = super::parse_duration)]
     pub interval: Duration,
     /// How long to watch (the watch also ends when the process exits).
-    #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = super::parse_duration)]
     pub duration: Duration,
     /// Write the samples as JSON to this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }
 
