@@ -43,6 +43,10 @@ const PAYLOAD_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Delay before reopening a connection whose attempt failed.
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
+/// Delay before reopening a connection the server closed (keeps a server
+/// that closes every connection at once from turning this into a busy loop).
+const RECONNECT_AFTER_CLOSE_DELAY: Duration = Duration::from_millis(10);
+
 /// Longest epoll wait.
 const WAIT_MAX: Duration = Duration::from_millis(100);
 
@@ -682,7 +686,7 @@ impl Publisher {
             + if connect_failure.is_some() {
                 RECONNECT_DELAY
             } else {
-                Duration::ZERO
+                RECONNECT_AFTER_CLOSE_DELAY
             };
     }
 }

@@ -430,6 +430,46 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any stream built from the tricky pieces parses the same however
+        /// it is split into reads.
+        #[test]
+        fn random_streams_parse_the_same_split_anywhere(
+            pieces in proptest::collection::vec(0usize..TOKENS.len(), 0..60),
+            cuts in proptest::collection::vec(0usize..400, 0..6),
+        ) {
+            let stream: Vec<u8> = pieces.iter().flat_map(|&i| TOKENS[i].iter().copied()).collect();
+            let whole = parse_pieces(&[&stream]);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|cut| cut.min(stream.len())).collect();
+            cuts.sort_unstable();
+            let mut reads: Vec<&[u8]> = Vec::new();
+            let mut start = 0;
+            for cut in cuts.into_iter().chain([stream.len()]) {
+                reads.push(&stream[start..cut]);
+                start = cut;
+            }
+            proptest::prop_assert_eq!(parse_pieces(&reads), whole);
+        }
+    }
+
+    /// The alphabet of the random streams.
+    const TOKENS: &[&[u8]] = &[
+        b"data",
+        b"event",
+        b"id",
+        b"retry",
+        b":",
+        b" ",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"x",
+        b"12",
+        b"\xEF\xBB\xBF",
+        b"\0",
+        b"plenum-gap",
+    ];
+
     #[test]
     fn cr_at_end_of_read_then_lf_is_one_line_end() {
         // Two reads "data: a\r" + "\ndata: b\n\n" must be one event "a\nb",
