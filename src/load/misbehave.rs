@@ -351,7 +351,8 @@ impl Engine {
             close_after_us: latency_histogram(),
             report: MisbehaveReport {
                 command: "misbehave".to_owned(),
-                mode: format!("{mode:?}").to_lowercase(),
+                mode: clap::ValueEnum::to_possible_value(&mode)
+                    .map_or_else(|| "hold".to_owned(), |value| value.get_name().to_owned()),
                 url: url.to_string(),
                 connections,
                 ..MisbehaveReport::default()
