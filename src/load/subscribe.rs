@@ -101,7 +101,8 @@ pub struct SubscribeArgs {
     /// e.g. 127.0.0.2-127.0.0.20 (bound with IP_BIND_ADDRESS_NO_PORT).
     #[arg(long, value_name = "LIST", value_parser = super::parse_source_ips)]
     pub source_ips: Option<IpList>,
-    /// New connections per second, over all processes (0 = no limit).
+    /// New connections per second, over all processes, reconnects included
+    /// (0 = no limit).
     #[arg(long, value_name = "PER_SEC", default_value_t = 10_000.0)]
     pub connect_rate: f64,
     /// Time from connect() to a complete response head before a connection
