@@ -430,6 +430,48 @@ fn failures_are_counted_by_reason() {
     let report = read_json(&json);
     assert_eq!(report["failed"]["http_503"].as_u64(), Some(2));
     assert_eq!(report["failed"]["not_event_stream"].as_u64(), Some(2));
+
+    // A server that never answers (timeout), one that hangs up on the request
+    // (closed_before_response) and one that answers garbage (bad_response).
+    let port = serve(6, |mut stream| {
+        let mut carry = Vec::new();
+        let Some(request) = read_request(&mut stream, &mut carry) else {
+            return;
+        };
+        match request.target.as_str() {
+            "/silent" => hold_until_client_closes(&mut stream),
+            "/hangup" => {}
+            _ => {
+                stream.write_all(b"SSE/9 banana\r\n\r\n").unwrap();
+                hold_until_client_closes(&mut stream);
+            }
+        }
+    });
+    let json = temp_path("handshake.json");
+    let output = run(plenum().args([
+        "load",
+        "subscribe",
+        "--url",
+        &format!("http://127.0.0.1:{port}/silent"),
+        "--url",
+        &format!("http://127.0.0.1:{port}/hangup"),
+        "--url",
+        &format!("http://127.0.0.1:{port}/garbage"),
+        "--connections",
+        "6",
+        "--connect-timeout",
+        "300ms",
+        "--duration",
+        "30s",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    assert_eq!(output.status.code(), Some(2));
+    let report = read_json(&json);
+    assert_eq!(report["failed"]["timeout"].as_u64(), Some(2));
+    assert_eq!(report["failed"]["closed_before_response"].as_u64(), Some(2));
+    assert_eq!(report["failed"]["bad_response"].as_u64(), Some(2));
+    assert_eq!(report["failed_total"].as_u64(), Some(6));
 }
 
 #[test]
@@ -507,4 +549,73 @@ fn publish_paces_keep_alive_requests_with_the_body_template() {
         .collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=50).collect::<Vec<u64>>());
+}
+
+#[test]
+fn sigterm_stops_the_run_and_still_reports() {
+    // Each slot's first stream carries one event and ends; the reconnect
+    // (with Last-Event-ID) proves the client has read that stream to its end,
+    // and is held open until the client stops.
+    let (sender, resumed) = std::sync::mpsc::channel();
+    let sender = Mutex::new(sender);
+    let port = serve(4, move |mut stream| {
+        let mut carry = Vec::new();
+        let Some(request) = read_request(&mut stream, &mut carry) else {
+            return;
+        };
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\nretry: 1\n\n")
+            .unwrap();
+        if request.header("last-event-id").is_none() {
+            stream.write_all(b"id: 1\ndata: seq=1\n\n").unwrap();
+            return;
+        }
+        sender.lock().unwrap().send(()).unwrap();
+        hold_until_client_closes(&mut stream);
+    });
+    let json = temp_path("sigterm.json");
+    let child = plenum()
+        .args([
+            "load",
+            "subscribe",
+            "--url",
+            &format!("http://127.0.0.1:{port}/events"),
+            "--connections",
+            "2",
+            "--processes",
+            "2",
+            "--reconnect",
+            "--duration",
+            "60s",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..2 {
+        resumed.recv_timeout(Duration::from_secs(30)).unwrap();
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+    assert_eq!(output.status.code(), Some(0));
+    let report = read_json(&json);
+    assert_eq!(report["connected"].as_u64(), Some(2));
+    assert_eq!(report["events_received"].as_u64(), Some(2));
+    assert_eq!(report["reconnects"].as_u64(), Some(2));
+    assert!(
+        report["stopped_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s == "signal"),
+        "{report}"
+    );
+    assert!(report["elapsed_s"].as_f64().unwrap() < 30.0);
 }
