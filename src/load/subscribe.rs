@@ -280,7 +280,11 @@ pub fn run(args: SubscribeArgs) -> anyhow::Result<ExitCode> {
                 {
                     samples.push(sample);
                 }
+                // Paced by the clock; a slow sample skips ahead rather than bursting.
                 next_sample += args.sample_interval.max(Duration::from_millis(10));
+                if next_sample < now {
+                    next_sample = now + args.sample_interval;
+                }
             }
         }
         for ((child, _), is_running) in children.iter_mut().zip(running.iter_mut()) {
