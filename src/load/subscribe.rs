@@ -23,6 +23,8 @@
 //!    on SIGINT/SIGTERM) the child closes everything and prints one JSON line
 //!    ([`ChildReport`]) on stdout; the parent merges them, adds its own
 //!    samples of `--server-pid`, prints a summary, writes `--json`/`--svg`.
+//!    A child that has not reported 15 s after the deadline is killed and
+//!    counted as lost (a failed check), so the run is bounded either way.
 //!
 //! Memory per slot is the slot struct (a few hundred bytes) plus a carry-over
 //! for an unfinished line; reads go into one scratch buffer per process.
