@@ -368,6 +368,11 @@ impl<B: Backend> Shard<B> {
         Ok(!drained)
     }
 
+    /// The backend (benches and simulations inspect a scripted one).
+    pub fn backend(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Connections in use (occupied slots).
     pub fn connections(&self) -> usize {
         self.slots.len() - self.free.len()
