@@ -257,6 +257,8 @@ pub struct Shard<B: Backend> {
     counters: TurnCounters,
     events: Vec<Event>,
     to_close: Vec<u32>,
+    /// Subscribers with frames queued by a batched pass, to flush after it.
+    dirty: Vec<u32>,
     pass: Vec<Arc<Frame>>,
     /// Receives and discards what subscribers send after their request.
     discard: Box<[u8]>,
@@ -320,6 +322,7 @@ impl<B: Backend> Shard<B> {
             counters: TurnCounters::default(),
             events: Vec::with_capacity(1024),
             to_close: Vec::new(),
+            dirty: Vec::new(),
             pass: Vec::with_capacity(INBOX_FRAMES_PER_TURN_MAX),
             discard: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
             sweep_cursor: 0,
@@ -1004,6 +1007,11 @@ impl<B: Backend> Shard<B> {
             return;
         }
         let pass = std::mem::take(&mut self.pass);
+        // One frame: written straight to each caught-up subscriber. Several
+        // (the shard is behind, or recovering): queued per subscriber and
+        // flushed with one vectored write each, so a shard that falls behind
+        // pays one syscall per subscriber per pass, not per frame.
+        let batched = missed || pass.len() > 1;
         if missed {
             self.recover(None);
         }
@@ -1014,8 +1022,9 @@ impl<B: Backend> Shard<B> {
             if frame.seq > self.last_seq + 1 {
                 self.recover(Some(frame.seq));
             }
-            self.fan_out(frame);
+            self.fan_out(frame, batched);
         }
+        self.flush_dirty();
         let now = Instant::now();
         {
             let mut latency = self
@@ -1044,7 +1053,7 @@ impl<B: Backend> Shard<B> {
                     .iter()
                     .filter(|f| until_seq.is_none_or(|until| f.seq < until))
                 {
-                    self.fan_out(frame);
+                    self.fan_out(frame, true);
                 }
             }
             None => {
@@ -1076,8 +1085,10 @@ impl<B: Backend> Shard<B> {
         }
     }
 
-    /// Writes one frame to every live subscriber of its topics on this shard.
-    fn fan_out(&mut self, frame: &Arc<Frame>) {
+    /// Writes one frame to every live subscriber of its topics on this shard,
+    /// or with `batched`, queues it and lists the subscriber for
+    /// [`Self::flush_dirty`].
+    fn fan_out(&mut self, frame: &Arc<Frame>, batched: bool) {
         debug_assert_eq!(frame.seq, self.last_seq + 1);
         self.last_seq = frame.seq;
         self.last_id = frame.id;
@@ -1090,6 +1101,7 @@ impl<B: Backend> Shard<B> {
             shared,
             now_ms,
             to_close,
+            dirty,
             ..
         } = self;
         let mut writer = Writer {
@@ -1114,13 +1126,38 @@ impl<B: Backend> Shard<B> {
                 conn.last_id = frame.id;
                 writer.counters.frames_delivered += 1;
                 let token = Token::new(slot, generations[slot as usize]);
-                if let Err(reason) = writer.write(token, conn, frame) {
+                let written = if batched {
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        dirty.push(slot);
+                    }
+                    writer.enqueue(conn, frame)
+                } else {
+                    writer.write(token, conn, frame)
+                };
+                if let Err(reason) = written {
                     // Marked only: reaped after the pass.
                     conn.closing = Some(reason);
                     to_close.push(slot);
                 }
             }
         }
+    }
+
+    /// Flushes every subscriber a batched pass queued frames for.
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            let conn = self.slots[slot as usize]
+                .as_mut()
+                .expect("dirty slot is occupied");
+            conn.dirty = false;
+            if conn.closing.is_none() {
+                self.flush(slot);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
     }
 
     // ---- timers -----------------------------------------------------------
