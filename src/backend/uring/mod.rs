@@ -25,9 +25,13 @@
 //!    slot and reported as `Ready { writable }` / `Ready { readable }`; the
 //!    shard's next call with the same buffers returns the stored result. At
 //!    most one send and one receive are in flight per connection. Receives
-//!    carry `MSG_DONTWAIT`: they run during the submit and never wait in the
-//!    kernel (an empty socket answers `-EAGAIN`, which is swallowed: the poll
-//!    reports the next data). Sends wait in the kernel until the socket has
+//!    carry `MSG_DONTWAIT`, so they run during the submit and never wait in
+//!    the kernel (an empty socket answers `-EAGAIN`, which is swallowed: the
+//!    poll reports the next data), and they land in a pooled buffer of the
+//!    backend's that the shard's next `recv` copies out: the shard rewrites
+//!    its request buffer between calls and shares one discard buffer among
+//!    its streams, so the kernel never writes shard memory (the
+//!    copy is of request heads only). Sends wait in the kernel until the socket has
 //!    room (the kernel's internal poll retries them: one completion per
 //!    progress, no `EAGAIN` round trips); a stalled one is cancelled when the
 //!    write-stall close comes (step 5). A single buffer goes out as `SEND`;
