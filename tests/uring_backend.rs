@@ -351,3 +351,60 @@ fn no_fd_or_slot_leak_after_2000_cycles() {
         "fd count grew from {fds_before} to {fds_after}"
     );
 }
+
+/// An RST from an idle subscriber: `POLLERR`, `SO_ERROR` read through a
+/// socket command, closed as `reset` (as on epoll).
+#[test]
+fn reset_while_idle_is_closed_as_reset() {
+    let Some(server) = start("reset", &["--shards", "1"]) else {
+        return;
+    };
+    let stream = subscribe(server.addr, "idle");
+    wait_for(server.addr, "a subscriber", |t| {
+        metric(t, "plenum_subscribers_open") == 1.0
+    });
+    let socket = socket2::Socket::from(stream);
+    socket.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(socket);
+    let text = wait_for(server.addr, "the reset to be reclaimed", |t| {
+        metric(t, "plenum_subscribers_open") == 0.0
+    });
+    assert_eq!(
+        metric(&text, "plenum_connections_closed_total{reason=\"reset\"}"),
+        1.0,
+        "{text}"
+    );
+}
+
+/// SIGTERM: the listeners close (accept cancelled), streams end with a
+/// `retry:` hint, and the process exits cleanly, the ring torn down.
+#[test]
+fn shutdown_ends_streams_and_exits_cleanly() {
+    let Some(mut server) = start("shutdown", &["--shards", "2"]) else {
+        return;
+    };
+    let mut streams: Vec<TcpStream> = (0..4).map(|_| subscribe(server.addr, "bye")).collect();
+    wait_for(server.addr, "4 subscribers", |t| {
+        metric(t, "plenum_subscribers_open") == 4.0
+    });
+    // SAFETY: kill(2) with a child's pid and SIGTERM has no memory arguments.
+    assert_eq!(unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) }, 0);
+    for stream in &mut streams {
+        let mut rest = String::new();
+        let _ = stream.read_to_string(&mut rest);
+        assert!(rest.contains("retry: "), "no retry hint: {rest:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        TcpStream::connect(server.addr).is_err(),
+        "still accepting after shutdown"
+    );
+}

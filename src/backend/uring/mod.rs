@@ -1008,6 +1008,11 @@ impl Uring {
             .min()
     }
 
+    #[cfg(test)]
+    fn inflight_for_tests(&self) -> usize {
+        self.inflight
+    }
+
     /// Takes every completion off the queue and handles it; returns how many.
     fn reap(&mut self, events: &mut Vec<Event>) -> usize {
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -1416,5 +1421,141 @@ impl Drop for Uring {
             std::mem::forget(std::mem::take(&mut self.queries));
             std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Waker;
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpStream;
+
+    #[test]
+    fn user_data_round_trips_with_a_masked_generation() {
+        let data = user_data(Op::Send, Token::SLOT_MAX, 0xABCD_EF12);
+        assert_eq!(
+            decode(data),
+            (
+                Some(Op::Send),
+                Token::SLOT_MAX,
+                0xABCD_EF12 & GENERATION_MASK
+            )
+        );
+        for op in Op::ALL {
+            assert_eq!(decode(user_data(op, 7, 1)).0, Some(op));
+        }
+        assert_eq!(decode(0).0, None);
+    }
+
+    /// A backend on a fresh listener, or `None` (with the reason printed)
+    /// where io_uring is unavailable outside CI.
+    fn backend(waker: &Waker) -> Option<(Uring, std::net::SocketAddr)> {
+        let capabilities = match probe::probe(64) {
+            Ok(capabilities) => capabilities,
+            Err(reason) if std::env::var("CI").as_deref() != Ok("true") => {
+                println!("SKIP: {reason}");
+                return None;
+            }
+            Err(reason) => panic!("io_uring unavailable under CI: {reason}"),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let options = Options {
+            files_per_ring: 64,
+            socket_commands: capabilities.socket_commands,
+        };
+        let stats = Arc::new(ShardStats::default());
+        let uring = Uring::new(vec![listener], waker.raw_fd(), options, stats).expect("ring");
+        Some((uring, address))
+    }
+
+    /// Polls until `found` picks an event (bounded: 200 polls of 10 ms).
+    fn poll_until<T>(uring: &mut Uring, mut found: impl FnMut(&Event) -> Option<T>) -> T {
+        let mut events = Vec::new();
+        for _ in 0..200 {
+            events.clear();
+            uring
+                .poll(&mut events, Duration::from_millis(10))
+                .expect("poll");
+            if let Some(value) = events.iter().find_map(&mut found) {
+                return value;
+            }
+        }
+        panic!("the expected event never came");
+    }
+
+    #[test]
+    fn wakes_come_through_the_ring_again_and_again() {
+        let waker = Waker::new().expect("waker");
+        let Some((mut uring, _)) = backend(&waker) else {
+            return;
+        };
+        for _ in 0..3 {
+            waker.wake();
+            poll_until(&mut uring, |e| matches!(e, Event::Wake).then_some(()));
+            waker.disarm();
+            waker.clear();
+        }
+    }
+
+    /// The whole contract on one connection: accept (with the peer's
+    /// address), receive and send by readiness emulation, staged close.
+    #[test]
+    fn one_connection_through_the_contract() {
+        let waker = Waker::new().expect("waker");
+        let Some((mut uring, address)) = backend(&waker) else {
+            return;
+        };
+        let mut client = TcpStream::connect(address).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let (handle, peer) = poll_until(&mut uring, |e| match *e {
+            Event::Accepted { handle, peer } => Some((handle, peer)),
+            _ => None,
+        });
+        if uring.options.socket_commands {
+            assert_eq!(peer, client.local_addr().expect("local address"));
+        }
+        let token = Token::new(5, 0x0100_0007);
+        uring.register(handle, token).expect("register");
+
+        client.write_all(b"hello").expect("write");
+        let mut buf = [0u8; 64];
+        poll_until(&mut uring, |e| {
+            matches!(e, Event::Ready { token: t, readable: true, .. } if *t == token).then_some(())
+        });
+        assert!(matches!(uring.recv(handle, token, &mut buf), Io::Blocked));
+        poll_until(&mut uring, |e| {
+            matches!(e, Event::Ready { token: t, readable: true, .. } if *t == token).then_some(())
+        });
+        match uring.recv(handle, token, &mut buf) {
+            Io::Done(5) => assert_eq!(&buf[..5], b"hello"),
+            other => panic!("recv: {other:?}"),
+        }
+
+        let (first, second) = (b"one ".to_vec(), b"two".to_vec());
+        let bufs = [IoSlice::new(&first), IoSlice::new(&second)];
+        assert!(matches!(uring.send(handle, token, &bufs), Io::Blocked));
+        poll_until(&mut uring, |e| {
+            matches!(e, Event::Ready { token: t, writable: true, .. } if *t == token).then_some(())
+        });
+        assert!(matches!(uring.send(handle, token, &bufs), Io::Done(7)));
+        let mut received = [0u8; 7];
+        client.read_exact(&mut received).expect("read");
+        assert_eq!(&received, b"one two");
+
+        assert!(!uring.close(handle, token, true));
+        poll_until(&mut uring, |e| {
+            matches!(e, Event::Closed { token: t } if *t == token).then_some(())
+        });
+        assert_eq!(uring.inflight_for_tests(), 2, "accept and waker read only");
+        let mut rest = [0u8; 1];
+        let ended = client.read(&mut rest);
+        assert!(
+            matches!(ended, Ok(0)) || ended.is_err(),
+            "the peer still sees an open connection: {ended:?}"
+        );
     }
 }
