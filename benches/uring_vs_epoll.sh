@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # epoll vs io_uring on this machine, same flags, one after the other in one run:
+#   (memory first, on the fresh process, then CPU, then FIN)
 #   1. server CPU time per delivered event: SUBS subscribers, RATE events/s of
 #      PAYLOAD bytes for PUBLISH_SECONDS; (utime+stime of the server from /proc/PID/stat)
 #      / (frames delivered, from /metrics), over the publishing window only;
@@ -11,7 +12,8 @@
 # Usage: benches/uring_vs_epoll.sh SERVER_BIN LOAD_BIN
 #   SERVER_BIN: a release `plenum` of this branch; LOAD_BIN: a `plenum` with
 #   the `load` subcommand (branch `load`). Environment: SUBS (3000), RATE (20),
-#   PAYLOAD (200), PUBLISH_SECONDS (25), IDLE (10000), SHARDS (2), FINS (1000).
+#   PAYLOAD (200), PUBLISH_SECONDS (25), IDLE (10000), SHARDS (2), FINS (1000),
+#   ROUNDS (1).
 set -euo pipefail
 SERVER=${1:?server binary}
 LOAD=${2:?load binary}
@@ -51,32 +53,31 @@ run_backend() {
   for _ in $(seq 600); do grep -q listening "$OUT/$backend.out" && break; sleep 0.05; done
   local addr
   addr=$(awk '/listening/ { print $2 }' "$OUT/$backend.out")
-  sleep 0.5
-
-  # 1. CPU per delivered event.
-  "$LOAD" load subscribe --url "http://$addr/events?topic=bench" --connections "$SUBS" \
-    --duration $((SECONDS_ + 60))s --progress-interval 0 >"$OUT/$backend.subscribe.txt" 2>&1 &
-  local subscribers=$!
-  wait_metric "$addr" plenum_subscribers_open "$SUBS"
-  local cpu0 frames0 cpu1 frames1
-  cpu0=$(cpu_seconds "$pid"); frames0=$(metric "$addr" plenum_frames_delivered_total)
-  "$LOAD" load publish --url "http://$addr/publish?topic=bench" --rate "$RATE" \
-    --payload-bytes "$PAYLOAD" --duration "${SECONDS_}s" >"$OUT/$backend.publish.txt" 2>&1
-  sleep 0.5
-  cpu1=$(cpu_seconds "$pid"); frames1=$(metric "$addr" plenum_frames_delivered_total)
-  kill -INT "$subscribers"; wait "$subscribers" || true
-  wait_metric "$addr" plenum_subscribers_open 0
-
-  # 2. Memory per idle subscriber.
   sleep 1
+
+  # 1. Memory per idle subscriber, first, on the fresh process.
   local rss0 rss1
   rss0=$(rss_kib "$pid")
   "$LOAD" load subscribe --url "http://$addr/events?topic=idle" --connections "$IDLE" \
     --duration 120s --progress-interval 0 >"$OUT/$backend.idle.txt" 2>&1 &
-  subscribers=$!
+  local subscribers=$!
   wait_metric "$addr" plenum_subscribers_open "$IDLE"
   sleep 1
   rss1=$(rss_kib "$pid")
+  kill -INT "$subscribers"; wait "$subscribers" || true
+  wait_metric "$addr" plenum_subscribers_open 0
+
+  # 2. CPU per delivered event.
+  "$LOAD" load subscribe --url "http://$addr/events?topic=bench" --connections "$SUBS" \
+    --duration $((SECONDS_ + 60))s --progress-interval 0 >"$OUT/$backend.subscribe.txt" 2>&1 &
+  subscribers=$!
+  wait_metric "$addr" plenum_subscribers_open "$SUBS"
+  local cpu0 frames0 cpu1 frames1
+  cpu0=$(cpu_seconds "$pid"); frames0=$(metric "$addr" plenum_frames_delivered_total)
+  "$LOAD" load publish --url "http://$addr/publish?topic=bench" --rate "$RATE" \
+    --payload-bytes "$PAYLOAD" --duration "${SECONDS_}s" >"$OUT/$backend.publish.txt" 2>&1 || true
+  sleep 0.5
+  cpu1=$(cpu_seconds "$pid"); frames1=$(metric "$addr" plenum_frames_delivered_total)
   kill -INT "$subscribers"; wait "$subscribers" || true
   wait_metric "$addr" plenum_subscribers_open 0
 
@@ -90,11 +91,17 @@ run_backend() {
     printf "%-6s cpu %.2f s for %d frames = %.3f us/frame (%d subscribers); ", b, c1 - c0, f1 - f0, (c1 - c0) * 1e6 / (f1 - f0), s
     printf "rss %d KiB -> %d KiB = %.0f B per idle subscriber (%d)\n", r0, r1, (r1 - r0) * 1024 / n, n
   }' | tee -a "$OUT/summary.txt"
+  grep -E "^sent" "$OUT/$backend.publish.txt" | sed "s/^/$backend publish: /" | tee -a "$OUT/summary.txt"
   grep -E "^(server|closed after)" "$OUT/$backend.fin.txt" | head -5 | sed "s/^/$backend fin: /" | tee -a "$OUT/summary.txt"
 }
 
 SERVER_PID=
 trap '[ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; true' EXIT
 : >"$OUT/summary.txt"
-run_backend epoll
-run_backend uring
+# Alternate the backends so that noise from other work on the machine
+# falls on both alike.
+for round in $(seq "${ROUNDS:-1}"); do
+  echo "round $round, load average $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/summary.txt"
+  run_backend epoll
+  run_backend uring
+done
