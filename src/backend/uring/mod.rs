@@ -1451,7 +1451,14 @@ mod tests {
     /// A backend on a fresh listener, or `None` (with the reason printed)
     /// where io_uring is unavailable outside CI.
     fn backend(waker: &Waker) -> Option<(Uring, std::net::SocketAddr)> {
-        let capabilities = match probe::probe(64) {
+        backend_with_table(waker, 64)
+    }
+
+    fn backend_with_table(
+        waker: &Waker,
+        files_per_ring: u32,
+    ) -> Option<(Uring, std::net::SocketAddr)> {
+        let capabilities = match probe::probe(files_per_ring) {
             Ok(capabilities) => capabilities,
             Err(reason) if std::env::var("CI").as_deref() != Ok("true") => {
                 println!("SKIP: {reason}");
@@ -1462,7 +1469,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address");
         let options = Options {
-            files_per_ring: 64,
+            files_per_ring,
             socket_commands: capabilities.socket_commands,
         };
         let stats = Arc::new(ShardStats::default());
@@ -1557,5 +1564,69 @@ mod tests {
             matches!(ended, Ok(0)) || ended.is_err(),
             "the peer still sees an open connection: {ended:?}"
         );
+    }
+
+    /// A full table: the kernel drops the connection (`-ENFILE`), which is
+    /// counted; the accept is re-armed after a delay, not in a loop, and at
+    /// once when a close frees a slot.
+    #[test]
+    fn a_full_table_is_counted_and_rearmed_without_spinning() {
+        let waker = Waker::new().expect("waker");
+        let Some((mut uring, address)) = backend_with_table(&waker, 2) else {
+            return;
+        };
+        let stats = uring.stats.clone();
+        let _first = TcpStream::connect(address).expect("connect");
+        let _second = TcpStream::connect(address).expect("connect");
+        let mut handles = Vec::new();
+        let mut events = Vec::new();
+        for _ in 0..200 {
+            events.clear();
+            uring
+                .poll(&mut events, Duration::from_millis(10))
+                .expect("poll");
+            handles.extend(events.iter().filter_map(|e| match *e {
+                Event::Accepted { handle, .. } => Some(handle),
+                _ => None,
+            }));
+            if handles.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(handles.len(), 2);
+        let mut dropped = TcpStream::connect(address).expect("connect");
+        dropped
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(300) {
+            events.clear();
+            uring
+                .poll(&mut events, Duration::from_millis(10))
+                .expect("poll");
+            assert!(events.is_empty(), "{events:?}");
+        }
+        assert_eq!(stats.uring_accept_table_full.load(Ordering::Relaxed), 1);
+        let rearms = stats.uring_accept_rearms.load(Ordering::Relaxed);
+        assert!(rearms <= 2, "{rearms} re-arms in 300 ms: spinning");
+        let mut byte = [0u8; 1];
+        assert!(
+            !matches!(dropped.read(&mut byte), Ok(1)),
+            "the dropped connection is served"
+        );
+
+        // The close is submitted by the next poll; a connection arriving
+        // before it would still find the table full.
+        uring.discard(handles[0]);
+        for _ in 0..5 {
+            events.clear();
+            uring
+                .poll(&mut events, Duration::from_millis(10))
+                .expect("poll");
+        }
+        let _third = TcpStream::connect(address).expect("connect");
+        poll_until(&mut uring, |e| {
+            matches!(e, Event::Accepted { .. }).then_some(())
+        });
     }
 }
