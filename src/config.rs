@@ -555,6 +555,21 @@ mod tests {
     }
 
     #[test]
+    fn backend_defaults_to_auto_and_parses_from_the_file() {
+        let config = ServeArgs::default().resolve(1000).unwrap();
+        assert_eq!(config.backend, BackendChoice::Auto);
+        for (text, choice) in [
+            ("auto", BackendChoice::Auto),
+            ("uring", BackendChoice::Uring),
+            ("epoll", BackendChoice::Epoll),
+        ] {
+            let file: ServeArgs = toml::from_str(&format!("backend = \"{text}\"\n")).unwrap();
+            assert_eq!(file.backend, Some(choice));
+            assert_eq!(choice.name(), text);
+        }
+    }
+
+    #[test]
     fn command_line_wins_over_file() {
         let file: ServeArgs = toml::from_str(
             "shards = 3\noutbox-bytes-hard = \"2MiB\"\nheartbeat-interval = \"5s\"\n",
