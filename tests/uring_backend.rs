@@ -387,8 +387,11 @@ fn shutdown_ends_streams_and_exits_cleanly() {
     wait_for(server.addr, "4 subscribers", |t| {
         metric(t, "plenum_subscribers_open") == 4.0
     });
-    // SAFETY: kill(2) with a child's pid and SIGTERM has no memory arguments.
-    assert_eq!(unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) }, 0);
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
     for stream in &mut streams {
         let mut rest = String::new();
         let _ = stream.read_to_string(&mut rest);
@@ -406,5 +409,108 @@ fn shutdown_ends_streams_and_exits_cleanly() {
     assert!(
         TcpStream::connect(server.addr).is_err(),
         "still accepting after shutdown"
+    );
+}
+
+/// Starts the server with `io_uring_setup` denied by a seccomp filter (what
+/// container runtimes' default profiles do); returns the child and its log.
+fn start_without_io_uring(name: &str, backend: &str) -> (Child, std::path::PathBuf) {
+    use std::os::unix::process::CommandExt;
+    let log = std::env::temp_dir().join(format!("plenum-noring-{name}-{}.log", std::process::id()));
+    // A classic BPF program: load the syscall number; io_uring_setup (425 on
+    // x86_64, aarch64 and the other generic tables) → errno EPERM; else allow.
+    const SYS_IO_URING_SETUP: u32 = 425;
+    let filter = [
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: SYS_IO_URING_SETUP,
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        },
+    ];
+    let mut command = Command::new(env!("CARGO_BIN_EXE_plenum"));
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--backend",
+            backend,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&log).expect("log file"));
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only prctl(2), which is async-signal-safe; `filter` was moved into the
+    // closure, so the program it points at is in the child's memory.
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    (command.spawn().expect("start plenum"), log)
+}
+
+/// Without io_uring, `--backend uring` fails fast with a reason naming it,
+/// and `--backend auto` falls back to epoll with the reason in one log line.
+#[test]
+fn without_io_uring_uring_fails_fast_and_auto_falls_back() {
+    let (mut child, log) = start_without_io_uring("uring", "uring");
+    let status = child.wait().expect("wait");
+    let reason = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "started without io_uring: {reason}");
+    assert!(reason.contains("io_uring"), "{reason}");
+
+    let (mut child, log) = start_without_io_uring("auto", "auto");
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    let server = Server {
+        child,
+        addr: line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("auto did not start: {line:?}"))
+            .parse()
+            .expect("address"),
+    };
+    let text = metrics(server.addr);
+    assert!(text.contains("plenum_info{backend=\"epoll\""), "{text}");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("io_uring unavailable, using epoll: io_uring_setup: EPERM"),
+        "{logged}"
     );
 }
