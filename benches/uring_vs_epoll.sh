@@ -13,7 +13,7 @@
 #   SERVER_BIN: a release `plenum` of this branch; LOAD_BIN: a `plenum` with
 #   the `load` subcommand (branch `load`). Environment: SUBS (3000), RATE (20),
 #   PAYLOAD (200), PUBLISH_SECONDS (25), IDLE (10000), SHARDS (2), FINS (1000),
-#   ROUNDS (1).
+#   ROUNDS (1), IDLE_CONNECT_RATE (2000 connections/s).
 set -euo pipefail
 SERVER=${1:?server binary}
 LOAD=${2:?load binary}
@@ -58,8 +58,11 @@ run_backend() {
   # 1. Memory per idle subscriber, first, on the fresh process.
   local rss0 rss1
   rss0=$(rss_kib "$pid")
+  # Connected at a moderate rate: each connection holds a request buffer
+  # until its head is parsed, and a burst of them leaves allocator pages
+  # behind that are not per-subscriber cost.
   "$LOAD" load subscribe --url "http://$addr/events?topic=idle" --connections "$IDLE" \
-    --duration 120s --progress-interval 0 >"$OUT/$backend.idle.txt" 2>&1 &
+    --connect-rate "${IDLE_CONNECT_RATE:-2000}" --duration 120s --progress-interval 0 >"$OUT/$backend.idle.txt" 2>&1 &
   local subscribers=$!
   wait_metric "$addr" plenum_subscribers_open "$IDLE"
   sleep 1
