@@ -65,7 +65,9 @@ run_backend() {
     --connect-rate "${IDLE_CONNECT_RATE:-2000}" --duration 120s --progress-interval 0 >"$OUT/$backend.idle.txt" 2>&1 &
   local subscribers=$!
   wait_metric "$addr" plenum_subscribers_open "$IDLE"
-  sleep 1
+  # The allocator returns the handshakes' request buffers to the system
+  # some time after they are freed: let it settle.
+  sleep 5
   rss1=$(rss_kib "$pid")
   kill -INT "$subscribers"; wait "$subscribers" || true
   wait_metric "$addr" plenum_subscribers_open 0
