@@ -103,6 +103,7 @@ struct StaticFrames {
     retry: Arc<Frame>,
     continue_100: Arc<Frame>,
     limit: Arc<Frame>,
+    draining: Arc<Frame>,
 }
 
 /// The write path: direct writes, outboxes and their limits. Borrowed out
@@ -289,6 +290,7 @@ impl<B: Backend> Shard<B> {
             retry: Frame::control(retry.into_bytes()),
             continue_100: Frame::control(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
             limit,
+            draining: http::response(Status(503), "text/plain", b"draining\n", false, &[]),
         };
         let timeouts = [
             config.heartbeat_interval,
@@ -432,7 +434,10 @@ impl<B: Backend> Shard<B> {
         metrics::add(&self.stats.accepted, 1);
         let shared = &self.shared;
         let config = &shared.config;
-        let mut over_limit = shared.is_draining();
+        // While draining, new connections are refused like those over a
+        // limit, but answered `503 draining` and counted as `shutdown`.
+        let draining = shared.is_draining();
+        let mut over_limit = draining;
         if !over_limit {
             let open = shared.connections_open.fetch_add(1, Ordering::AcqRel);
             if open >= config.connections_max {
@@ -455,7 +460,12 @@ impl<B: Backend> Shard<B> {
         }
         if over_limit && self.rejections_in_flight >= REJECTIONS_IN_FLIGHT_MAX {
             self.backend.discard(handle);
-            metrics::add(&self.stats.closed[CloseReason::Limit.index()], 1);
+            let reason = if draining {
+                CloseReason::Shutdown
+            } else {
+                CloseReason::Limit
+            };
+            metrics::add(&self.stats.closed[reason.index()], 1);
             return;
         }
         let deadline_ms = self.now_ms + config.handshake_timeout.as_millis() as u64;
@@ -475,8 +485,12 @@ impl<B: Backend> Shard<B> {
             let conn = self.conn(slot);
             conn.rejected = true;
             conn.inbound = None;
-            let frame = self.frames.limit.clone();
-            self.respond_and_close(slot, &frame, CloseReason::Limit);
+            let (frame, reason) = if draining {
+                (self.frames.draining.clone(), CloseReason::Shutdown)
+            } else {
+                (self.frames.limit.clone(), CloseReason::Limit)
+            };
+            self.respond_and_close(slot, &frame, reason);
         } else {
             metrics::add_signed(&self.stats.connections_open, 1);
         }
