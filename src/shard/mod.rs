@@ -55,8 +55,10 @@ const TICK_MS: u64 = 50;
 /// Frames taken from the inbox per turn, so a publish storm cannot starve
 /// accepts and reads.
 const INBOX_FRAMES_PER_TURN_MAX: usize = 1024;
-/// Bytes read per `recv` for a request, and the discard buffer's size.
+/// Bytes read per `recv` for a request body, and the discard buffer's size.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// The first read of a request head; later reads double the buffer.
+const HEAD_READ_FIRST_BYTES: usize = 1024;
 /// Bytes a subscriber may send after its request in one readiness event
 /// before it is closed as misbehaving (they are read and discarded).
 const SUBSCRIBER_INPUT_BYTES_MAX: usize = 256 * 1024;
@@ -616,7 +618,14 @@ impl<B: Backend> Shard<B> {
             } else {
                 READ_CHUNK_BYTES
             };
-            let chunk = room.min(READ_CHUNK_BYTES);
+            // A head is read into a buffer that starts at 1 KiB and doubles:
+            // most heads are a few hundred bytes, and a burst of handshakes
+            // should not hold (or zero) 16 KiB per connection.
+            let chunk = if conn.phase == Phase::Head {
+                room.min(filled.max(HEAD_READ_FIRST_BYTES))
+            } else {
+                room.min(READ_CHUNK_BYTES)
+            };
             if chunk == 0 {
                 return;
             }
