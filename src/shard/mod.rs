@@ -1314,6 +1314,10 @@ impl<B: Backend> Shard<B> {
     }
 
     fn publish_counters(&mut self) {
+        // A relaxed store per turn: the topic index changes only on this thread.
+        self.stats
+            .topics
+            .store(self.topics.len() as i64, Ordering::Relaxed);
         let counters = std::mem::take(&mut self.counters);
         if counters.frames_delivered > 0 {
             metrics::add(&self.stats.frames_delivered, counters.frames_delivered);
