@@ -38,7 +38,7 @@ const DEADLINE: Duration = Duration::from_secs(1);
 /// The bound on a healthy subscriber's publish-to-receive latency during the
 /// table. A shard blocked by a case for a deadline's length would exceed it;
 /// it leaves room for a CI machine whose 2 cores are shared.
-const LATENCY_BOUND: Duration = Duration::from_millis(900);
+const LATENCY_BOUND: Duration = Duration::from_millis(250);
 const TICK_INTERVAL: Duration = Duration::from_millis(10);
 /// Writes this large go from a helper thread: the server may stop reading.
 const BIG_WRITE_BYTES: usize = 32 * 1024;
