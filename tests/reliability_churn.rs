@@ -73,7 +73,7 @@ fn cycle(server: &Server, rng: &mut Rng, last_id: &AtomicU64) -> usize {
                 request = request.last_event_id_header(last_id.load(Ordering::Relaxed));
             }
             let client = server.subscribe_with(&request);
-            if kind < 25 || kind >= 45 {
+            if !(25..45).contains(&kind) {
                 drop(client);
                 0
             } else {
