@@ -14,6 +14,7 @@
 //!    history, then live events.
 //!
 //! What is lost across a restart (history is in memory, in one process):
+//!
 //! - every event of the previous run: the new process has no history, so no
 //!   subscriber can replay what it missed, whatever its id (hence `too_old`);
 //! - events acknowledged to a publisher during the drain but not yet written
@@ -23,6 +24,7 @@
 //!   the new process;
 //! - all subscriptions (each client reconnects) and all counters (metrics
 //!   restart from zero).
+//!
 //! What is kept: ids keep increasing (the new epoch's first id is above every
 //! id of the old run), so a client's `Last-Event-ID` is never mistaken for a
 //! newer event. A later scale-out issue is to keep history outside the process.
