@@ -34,6 +34,13 @@ pub struct ShardStats {
     /// Times this shard fell so far behind that history no longer held what
     /// it missed, and closed its subscribers.
     pub resyncs_lost: AtomicU64,
+    /// io_uring: multishot accepts armed again after they ended.
+    pub uring_accept_rearms: AtomicU64,
+    /// io_uring: accepts that found the registered file table full (`-ENFILE`;
+    /// the kernel dropped that connection).
+    pub uring_accept_table_full: AtomicU64,
+    /// io_uring: polls that found completions held back by a full completion queue.
+    pub uring_cq_overflows: AtomicU64,
     /// Publish-to-write latency in microseconds.
     pub latency_us: Mutex<Histogram<u64>>,
 }
@@ -53,6 +60,9 @@ impl Default for ShardStats {
             replays: AtomicU64::new(0),
             replays_too_old: AtomicU64::new(0),
             resyncs_lost: AtomicU64::new(0),
+            uring_accept_rearms: AtomicU64::new(0),
+            uring_accept_table_full: AtomicU64::new(0),
+            uring_cq_overflows: AtomicU64::new(0),
             latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
             ),
@@ -224,6 +234,24 @@ pub fn render(
         "plenum_resyncs_lost_total",
         "Times a shard fell behind history and closed its subscribers.",
         load(&|s| s.resyncs_lost.load(Ordering::Relaxed)),
+    );
+    counter(
+        &mut out,
+        "plenum_uring_accept_rearms_total",
+        "io_uring: multishot accepts armed again after they ended.",
+        load(&|s| s.uring_accept_rearms.load(Ordering::Relaxed)),
+    );
+    counter(
+        &mut out,
+        "plenum_uring_accept_table_full_total",
+        "io_uring: connections dropped by the kernel because the registered file table was full.",
+        load(&|s| s.uring_accept_table_full.load(Ordering::Relaxed)),
+    );
+    counter(
+        &mut out,
+        "plenum_uring_cq_overflows_total",
+        "io_uring: polls that found completions held back by a full completion queue.",
+        load(&|s| s.uring_cq_overflows.load(Ordering::Relaxed)),
     );
 
     let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");

@@ -43,7 +43,7 @@ cargo test --release --lib --bins
 cargo test --release --benches
 
 step "integration tests (one at a time: they share 2 cores and 20,000 files)"
-cargo test --release --test '*' -- --test-threads=1
+cargo test --release --no-fail-fast --test '*' -- --test-threads=1
 
 step "done"
 echo "total $(( $(date +%s) - started ))s"

@@ -107,6 +107,7 @@ struct StaticFrames {
     retry: Arc<Frame>,
     continue_100: Arc<Frame>,
     limit: Arc<Frame>,
+    draining: Arc<Frame>,
 }
 
 /// The write path: direct writes, outboxes and their limits. Borrowed out
@@ -261,6 +262,8 @@ pub struct Shard<B: Backend> {
     counters: TurnCounters,
     events: Vec<Event>,
     to_close: Vec<u32>,
+    /// Subscribers with frames queued by a batched pass, to flush after it.
+    dirty: Vec<u32>,
     pass: Vec<Arc<Frame>>,
     /// Receives and discards what subscribers send after their request.
     discard: Box<[u8]>,
@@ -295,6 +298,7 @@ impl<B: Backend> Shard<B> {
             retry: Frame::control(retry.into_bytes()),
             continue_100: Frame::control(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
             limit,
+            draining: http::response(Status(503), "text/plain", b"draining\n", false, &[]),
         };
         let timeouts = [
             config.heartbeat_interval,
@@ -328,6 +332,7 @@ impl<B: Backend> Shard<B> {
             counters: TurnCounters::default(),
             events: Vec::with_capacity(1024),
             to_close: Vec::new(),
+            dirty: Vec::new(),
             pass: Vec::with_capacity(INBOX_FRAMES_PER_TURN_MAX),
             discard: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
             sweep_cursor: 0,
@@ -388,6 +393,11 @@ impl<B: Backend> Shard<B> {
         Ok(!drained)
     }
 
+    /// The backend (benches and simulations inspect a scripted one).
+    pub fn backend(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Connections in use (occupied slots).
     pub fn connections(&self) -> usize {
         self.slots.len() - self.free.len()
@@ -444,7 +454,10 @@ impl<B: Backend> Shard<B> {
         metrics::add(&self.stats.accepted, 1);
         let shared = &self.shared;
         let config = &shared.config;
-        let mut over_limit = shared.is_draining();
+        // While draining, new connections are refused like those over a
+        // limit, but answered `503 draining` and counted as `shutdown`.
+        let draining = shared.is_draining();
+        let mut over_limit = draining;
         if !over_limit {
             let open = shared.connections_open.fetch_add(1, Ordering::AcqRel);
             if open >= config.connections_max {
@@ -467,7 +480,12 @@ impl<B: Backend> Shard<B> {
         }
         if over_limit && self.rejections_in_flight >= REJECTIONS_IN_FLIGHT_MAX {
             self.backend.discard(handle);
-            metrics::add(&self.stats.closed[CloseReason::Limit.index()], 1);
+            let reason = if draining {
+                CloseReason::Shutdown
+            } else {
+                CloseReason::Limit
+            };
+            metrics::add(&self.stats.closed[reason.index()], 1);
             return;
         }
         let deadline_ms = self.now_ms + config.handshake_timeout.as_millis() as u64;
@@ -487,8 +505,12 @@ impl<B: Backend> Shard<B> {
             let conn = self.conn(slot);
             conn.rejected = true;
             conn.inbound = None;
-            let frame = self.frames.limit.clone();
-            self.respond_and_close(slot, &frame, CloseReason::Limit);
+            let (frame, reason) = if draining {
+                (self.frames.draining.clone(), CloseReason::Shutdown)
+            } else {
+                (self.frames.limit.clone(), CloseReason::Limit)
+            };
+            self.respond_and_close(slot, &frame, reason);
         } else {
             metrics::add_signed(&self.stats.connections_open, 1);
         }
@@ -1025,6 +1047,11 @@ impl<B: Backend> Shard<B> {
             return;
         }
         let pass = std::mem::take(&mut self.pass);
+        // One frame: written straight to each caught-up subscriber. Several
+        // (the shard is behind, or recovering): queued per subscriber and
+        // flushed with one vectored write each, so a shard that falls behind
+        // pays one syscall per subscriber per pass, not per frame.
+        let batched = missed || pass.len() > 1;
         if missed {
             self.recover(None);
         }
@@ -1035,8 +1062,9 @@ impl<B: Backend> Shard<B> {
             if frame.seq > self.last_seq + 1 {
                 self.recover(Some(frame.seq));
             }
-            self.fan_out(frame);
+            self.fan_out(frame, batched);
         }
+        self.flush_dirty();
         let now = Instant::now();
         {
             let mut latency = self
@@ -1065,7 +1093,7 @@ impl<B: Backend> Shard<B> {
                     .iter()
                     .filter(|f| until_seq.is_none_or(|until| f.seq < until))
                 {
-                    self.fan_out(frame);
+                    self.fan_out(frame, true);
                 }
             }
             None => {
@@ -1097,8 +1125,10 @@ impl<B: Backend> Shard<B> {
         }
     }
 
-    /// Writes one frame to every live subscriber of its topics on this shard.
-    fn fan_out(&mut self, frame: &Arc<Frame>) {
+    /// Writes one frame to every live subscriber of its topics on this shard,
+    /// or with `batched`, queues it and lists the subscriber for
+    /// [`Self::flush_dirty`].
+    fn fan_out(&mut self, frame: &Arc<Frame>, batched: bool) {
         debug_assert_eq!(frame.seq, self.last_seq + 1);
         self.last_seq = frame.seq;
         self.last_id = frame.id;
@@ -1111,6 +1141,7 @@ impl<B: Backend> Shard<B> {
             shared,
             now_ms,
             to_close,
+            dirty,
             ..
         } = self;
         let mut writer = Writer {
@@ -1135,13 +1166,38 @@ impl<B: Backend> Shard<B> {
                 conn.last_id = frame.id;
                 writer.counters.frames_delivered += 1;
                 let token = Token::new(slot, generations[slot as usize]);
-                if let Err(reason) = writer.write(token, conn, frame) {
+                let written = if batched {
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        dirty.push(slot);
+                    }
+                    writer.enqueue(conn, frame)
+                } else {
+                    writer.write(token, conn, frame)
+                };
+                if let Err(reason) = written {
                     // Marked only: reaped after the pass.
                     conn.closing = Some(reason);
                     to_close.push(slot);
                 }
             }
         }
+    }
+
+    /// Flushes every subscriber a batched pass queued frames for.
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            let conn = self.slots[slot as usize]
+                .as_mut()
+                .expect("dirty slot is occupied");
+            conn.dirty = false;
+            if conn.closing.is_none() {
+                self.flush(slot);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
     }
 
     // ---- timers -----------------------------------------------------------
