@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::reliability::{test_seed, Rng};
+use common::reliability::{diagnose_connection, test_seed, Rng};
 use common::*;
 
 const SUBSCRIBERS: usize = 50;
@@ -161,10 +161,17 @@ fn flaky_subscriber(
             Subscribe::topics(&[TOPIC]).last_event_id_query(last)
         };
         run.reconnects += 1;
-        client = SseClient::try_open(server.addr(), &request).unwrap_or_else(|error| {
+        let mut conn = HttpConn::connect(server.addr())
+            .unwrap_or_else(|error| panic!("{}", context(&format!("reconnect failed: {error}"))));
+        let local = conn.stream.local_addr().unwrap();
+        // Kept open past a failure, so the diagnosis sees the connection's state.
+        let _kept = conn.stream.try_clone().unwrap();
+        conn.send(&request.request_bytes()).unwrap();
+        client = SseClient::open_on(conn).unwrap_or_else(|error| {
             panic!(
-                "{}",
-                context(&format!("resume after {last} failed: {error:?}"))
+                "{}\n{}",
+                context(&format!("resume after {last} failed: {error:?}")),
+                diagnose_connection(server, local)
             )
         });
     }

@@ -148,3 +148,28 @@ pub fn subscribers_on_every_shard(
         clients.push(server.subscribe_with(request));
     }
 }
+
+/// What the kernel and the server say about one client connection, for a
+/// failure message: `ss` lines for the client's port (both ends, with queue
+/// sizes), the listeners' accept queues, and the server's per-shard gauges.
+pub fn diagnose_connection(server: &Server, local: std::net::SocketAddr) -> String {
+    let ss = |filter: String| -> String {
+        std::process::Command::new("ss")
+            .args(["-tanoi", &filter])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_else(|error| format!("(ss failed: {error})"))
+    };
+    let metrics = server.try_metrics().map(|m| {
+        format!(
+            "connections_open {:?}, subscribers_open {:?}",
+            m.per_shard("plenum_connections_open"),
+            m.per_shard("plenum_subscribers_open")
+        )
+    });
+    format!(
+        "client {local}\n--- ss (client port) ---\n{}--- ss (server port) ---\n{}--- server ---\n{metrics:?}",
+        ss(format!("( sport = :{0} or dport = :{0} )", local.port())),
+        ss(format!("( sport = :{} )", server.port())),
+    )
+}
