@@ -20,6 +20,9 @@ use crate::hub::Hub;
 pub struct ShardStats {
     pub connections_open: AtomicI64,
     pub subscribers_open: AtomicI64,
+    /// Topics with at least one subscriber on this shard (the topic index's
+    /// size), stored by the shard once per loop turn.
+    pub topics: AtomicI64,
     pub accepted: AtomicU64,
     pub closed: [AtomicU64; CloseReason::ALL.len()],
     pub frames_delivered: AtomicU64,
@@ -47,6 +50,7 @@ impl Default for ShardStats {
         ShardStats {
             connections_open: AtomicI64::new(0),
             subscribers_open: AtomicI64::new(0),
+            topics: AtomicI64::new(0),
             accepted: AtomicU64::new(0),
             closed: std::array::from_fn(|_| AtomicU64::new(0)),
             frames_delivered: AtomicU64::new(0),
@@ -126,6 +130,17 @@ pub fn render(
             out,
             "plenum_subscribers_open{{shard=\"{i}\"}} {}",
             shard.subscribers_open.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP plenum_topics Topics with at least one subscriber.\n# TYPE plenum_topics gauge"
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "plenum_topics{{shard=\"{i}\"}} {}",
+            shard.topics.load(Ordering::Relaxed)
         );
     }
     let counter = |out: &mut String, name: &str, help: &str, value: u64| {

@@ -59,6 +59,10 @@ const INBOX_FRAMES_PER_TURN_MAX: usize = 1024;
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// The first read of a request head; later reads double the buffer.
 const HEAD_READ_FIRST_BYTES: usize = 1024;
+/// Request bytes read from one connection per turn. A client that keeps its
+/// socket full (endless trailers, a pipelined flood) is read again on the
+/// next turn instead of holding the loop until its deadline.
+const READ_BYTES_PER_TURN_MAX: usize = 4 * READ_CHUNK_BYTES;
 /// Bytes a subscriber may send after its request in one readiness event
 /// before it is closed as misbehaving (they are read and discarded).
 const SUBSCRIBER_INPUT_BYTES_MAX: usize = 256 * 1024;
@@ -271,6 +275,10 @@ pub struct Shard<B: Backend> {
     rng: u64,
     /// More inbox frames are waiting than one turn takes.
     inbox_more: bool,
+    /// Connections that used their read budget with bytes possibly left in
+    /// the socket: read again next turn (edge-triggered readiness will not
+    /// report them again).
+    read_more: Vec<Token>,
     rejections_in_flight: usize,
     draining_since_ms: Option<u64>,
 }
@@ -334,6 +342,7 @@ impl<B: Backend> Shard<B> {
             next_tick_ms: TICK_MS,
             rng: 0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) << 17) ^ first_id,
             inbox_more: false,
+            read_more: Vec::new(),
             rejections_in_flight: 0,
             draining_since_ms: None,
             shared,
@@ -350,7 +359,8 @@ impl<B: Backend> Shard<B> {
     /// once the shard has drained after shutdown. Public so that a scripted
     /// backend can drive a shard step by step (benches, simulations).
     pub fn turn(&mut self) -> std::io::Result<bool> {
-        let timeout = if self.inbox_more {
+        let read_more = std::mem::take(&mut self.read_more);
+        let timeout = if self.inbox_more || !read_more.is_empty() {
             Duration::ZERO
         } else {
             Duration::from_millis(self.next_tick_ms.saturating_sub(self.clock()))
@@ -363,6 +373,16 @@ impl<B: Backend> Shard<B> {
             self.handle(event);
         }
         self.events = events;
+        for &token in &read_more {
+            let slot = token.slot();
+            let live = self.generations.get(slot as usize) == Some(&token.generation())
+                && self.slots[slot as usize]
+                    .as_ref()
+                    .is_some_and(|c| c.closing.is_none());
+            if live {
+                self.read_request(slot);
+            }
+        }
         polled?;
         self.drain_inbox();
         if self.now_ms >= self.next_tick_ms {
@@ -595,6 +615,7 @@ impl<B: Backend> Shard<B> {
     fn read_request(&mut self, slot: u32) {
         let token = self.token(slot);
         let head_max = self.shared.config.request_head_bytes_max;
+        let mut read_bytes = 0;
         loop {
             self.process_input(slot);
             let conn = self.slots[slot as usize].as_mut().expect("occupied slot");
@@ -611,6 +632,10 @@ impl<B: Backend> Shard<B> {
             let Some(inbound) = conn.inbound.as_mut() else {
                 return;
             };
+            if read_bytes >= READ_BYTES_PER_TURN_MAX {
+                self.read_more.push(token);
+                return;
+            }
             let filled = inbound.buf.len();
             // Head bytes beyond the limit are never read: the parse answers 431 first.
             let room = if conn.phase == Phase::Head {
@@ -635,6 +660,7 @@ impl<B: Backend> Shard<B> {
                 .recv(conn.handle, token, &mut inbound.buf[filled..]);
             let received = if let Io::Done(n) = result { n } else { 0 };
             inbound.buf.truncate(filled + received);
+            read_bytes += received;
             match result {
                 Io::Done(_) => {}
                 Io::Blocked => return,
@@ -1379,6 +1405,10 @@ impl<B: Backend> Shard<B> {
     }
 
     fn publish_counters(&mut self) {
+        // A relaxed store per turn: the topic index changes only on this thread.
+        self.stats
+            .topics
+            .store(self.topics.len() as i64, Ordering::Relaxed);
         let counters = std::mem::take(&mut self.counters);
         if counters.frames_delivered > 0 {
             metrics::add(&self.stats.frames_delivered, counters.frames_delivered);

@@ -34,6 +34,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod reliability;
+
 /// The io_uring backend (`--backend uring`) is built: every `*_uring` test runs. While false,
 /// every `*_uring` test prints a SKIP line and returns, so only epoll runs.
 pub const URING_ENABLED: bool = true;
