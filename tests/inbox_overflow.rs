@@ -4,8 +4,9 @@
 //! How the overflow is forced, deterministically: with one shard, a publish is
 //! handled on the same thread that drains the inbox, and the inbox is drained
 //! only after the turn's readiness events are handled. Fifty publishes
-//! pipelined in one write are all handled in one turn, so an inbox of two
-//! events must overflow 48 times before the shard drains it.
+//! pipelined in one write are handled in one turn (epoll) or a few (io_uring,
+//! whose receives complete on later turns), so an inbox of two events must
+//! overflow before the shard drains it.
 
 #[macro_use]
 mod common;
@@ -47,9 +48,10 @@ backend_tests! {
             assert_eq!(event.data(), format!("n={i}"));
         }
         let overflows = server.metrics().counter("plenum_inbox_overflows_total");
-        assert!(
-            overflows >= (PUBLISHES - 2) as f64,
-            "the inbox of 2 must have overflowed (saw {overflows}): the test did not test recovery"
-        );
+        // On epoll all 50 are handled in one turn (48 overflows); on io_uring
+        // each receive completes on a later turn, so the inbox drains between
+        // reads and overflows less often. Either way it must have overflowed,
+        // or the test did not test recovery.
+        assert!(overflows > 0.0, "the inbox of 2 never overflowed: the test did not test recovery");
     }
 }
