@@ -1745,3 +1745,8 @@ pub fn duration_from_env(name: &str, default: Duration) -> Duration {
         Err(_) => default,
     }
 }
+
+// Shared helpers of the reliability suite (scenarios 1–4 of issue 6).
+pub mod flow;
+pub mod netns;
+pub mod nginx;
