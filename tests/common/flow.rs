@@ -531,3 +531,14 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+/// Sets a flag when dropped, also while unwinding: put one at the top of a
+/// `thread::scope` closure so a failed assertion stops the samplers and the
+/// publisher instead of leaving the scope waiting for them forever.
+pub struct SetOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
