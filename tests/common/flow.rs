@@ -155,10 +155,16 @@ pub struct ReaderOutcome {
     pub latency_before_us: Histogram<u64>,
     /// ... and at or after it.
     pub latency_after_us: Histogram<u64>,
+    /// The worst latency (µs) per 100 ms window of receive time (key: Unix time
+    /// in units of 100 ms), to tell bursts from a steady delay.
+    pub latency_worst_by_window: std::collections::BTreeMap<u64, u64>,
     /// Set when the reader stopped because it was told to die.
     pub died_at: Option<Instant>,
     /// Why the reader stopped before the final event, if it did.
     pub failure: Option<String>,
+    /// The open stream of a reader that received the final event, handed back so
+    /// that its close does not count among the closes the test checks.
+    pub client: Option<SseClient>,
 }
 
 /// A latency histogram in microseconds, 1 µs to 100 s, 3 significant digits.
@@ -186,8 +192,10 @@ pub fn read_stream(
         retries: 0,
         latency_before_us: latency_histogram_us(),
         latency_after_us: latency_histogram_us(),
+        latency_worst_by_window: Default::default(),
         died_at: None,
         failure: None,
+        client: None,
     };
     let mut client = Some(client);
     let mut quiet_since = Instant::now();
@@ -199,6 +207,7 @@ pub fn read_stream(
         }
         let final_id = flow.final_id.load(Ordering::Relaxed);
         if final_id != 0 && outcome.ids.last().is_some_and(|id| *id >= final_id) {
+            outcome.client = client;
             return outcome;
         }
         let Some(stream) = client.as_mut() else {
@@ -228,7 +237,13 @@ pub fn read_stream(
                 }
                 outcome.ids.push(event.id());
                 if let Some(ts) = body_ts(&event.data()) {
-                    let latency_us = unix_nanos().saturating_sub(ts) / 1000;
+                    let now = unix_nanos();
+                    let latency_us = now.saturating_sub(ts) / 1000;
+                    let worst = outcome
+                        .latency_worst_by_window
+                        .entry(now / 100_000_000)
+                        .or_default();
+                    *worst = (*worst).max(latency_us);
                     let seq = body_seq(&event.data()).unwrap_or(0);
                     let split = flow.latency_split_seq.load(Ordering::Relaxed);
                     let histogram = if split != 0 && seq >= split {
