@@ -80,7 +80,7 @@ backend_tests! {
         let flow = &flow;
         let half_close = AtomicBool::new(false);
         let half_close = &half_close;
-        let plan = ReaderPlan { addr: server.addr(), topic: "feed".into(), reconnect: false };
+        let plan = ReaderPlan { addr: server.addr(), topic: "feed".into(), reconnect: false, recv_lowat: None };
         let plan = &plan;
         let (published, control_outcome, ends, reclaimed_after, after) = std::thread::scope(|scope| {
             let publisher = scope.spawn(move || {

@@ -3,10 +3,17 @@
 //! --mode stall`: 4 KiB receive buffer, never read) on the same topic, under 1,000
 //! events/s of 1 KiB.
 //!
-//! 1. Healthy only, for `WITHOUT` (5 s): the latency baseline.
-//! 2. Then, for `WITH` (15 s; 20 s + 60 s with `PLENUM_TIER=heavy`), one wave of
-//!    1,000 stalled readers after another: each wave is opened at once, and the
-//!    next starts when Plenum has closed every one of the last.
+//! 1. Healthy only: 5,000 events (5 s; 20 s with `PLENUM_TIER=heavy`), the
+//!    latency baseline.
+//! 2. Healthy next to stalled readers: 15,000 events (15 s; 60 s heavy), with one
+//!    wave of 1,000 stalled readers after another: each wave is opened at once,
+//!    and the next starts when Plenum has closed every one of the last.
+//!
+//! The healthy subscribers of each phase are one `plenum load subscribe` process
+//! (100 streams on one epoll loop, `--expect-events` = the events of the phase),
+//! which checks the `seq=` of every event per stream (no gap, no duplicate, no
+//! step back) and measures publish-to-receive latency from `ts=`; 100 reader
+//! threads in the test would take both cores of a small machine themselves.
 //!
 //! Asserts: every healthy subscriber receives every event, in order, no gap, no
 //! duplicate; every stalled reader is closed as `slow_consumer` or `write_stall`
@@ -60,9 +67,9 @@ const WAVE_MARGIN: Duration = Duration::from_secs(3);
 
 /// One wave of stalled readers, as `plenum load misbehave` reported it.
 struct Wave {
-    /// When the misbehave process started and ended (Unix time, 100 ms units).
-    started_window: u64,
-    ended_window: u64,
+    /// When the misbehave process started and ended.
+    started: Instant,
+    ended: Instant,
     connected: u64,
     server_reset: u64,
     server_closed: u64,
@@ -73,7 +80,7 @@ struct Wave {
 fn run_wave(server: &Server) -> Wave {
     let dir = TempDir::new("plenum-stall");
     let report_path = dir.path().join("stall.json");
-    let started_window = unix_nanos() / 100_000_000;
+    let started = Instant::now();
     let url = format!("http://{}/events?topic=feed", server.addr());
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_plenum"))
         .args(["load", "misbehave", "--mode", "stall", "--url", &url])
@@ -100,8 +107,8 @@ fn run_wave(server: &Server) -> Wave {
     let number = |key: &str| report[key].as_u64().unwrap_or(0);
     let close_after = &report["server_close_after"];
     Wave {
-        started_window,
-        ended_window: unix_nanos() / 100_000_000,
+        started,
+        ended: Instant::now(),
         connected: number("connected"),
         server_reset: number("server_reset"),
         server_closed: number("server_closed"),
@@ -112,6 +119,155 @@ fn run_wave(server: &Server) -> Wave {
             close_after["max_ms"].as_f64().unwrap_or(0.0)
         ),
     }
+}
+
+/// What `plenum load subscribe` reported for one phase's healthy subscribers.
+struct Healthy {
+    report: serde_json::Value,
+    /// When the process was started (its report's windows count from about here).
+    started: Instant,
+}
+
+impl Healthy {
+    fn number(&self, key: &str) -> u64 {
+        self.report[key].as_u64().unwrap_or(u64::MAX)
+    }
+
+    fn latency_line(&self) -> String {
+        let latency = &self.report["latency"];
+        let ms = |key: &str| latency[key].as_f64().unwrap_or(f64::NAN);
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms over {} events",
+            ms("p50_ms"),
+            ms("p99_ms"),
+            ms("p999_ms"),
+            ms("max_ms"),
+            latency["count"]
+        )
+    }
+
+    /// The worst per-second p99 latency (ms) among the report's windows that
+    /// overlap (`overlapping`) or do not overlap any of `spans`.
+    fn worst_window_p99_ms(&self, spans: &[(Instant, Instant)], overlapping: bool) -> f64 {
+        let windows = self.report["windows"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        windows
+            .iter()
+            .filter(|window| {
+                let start =
+                    self.started + Duration::from_secs_f64(window["t_s"].as_f64().unwrap_or(0.0));
+                let end = start + Duration::from_secs(1);
+                spans.iter().any(|(from, to)| start < *to && end > *from) == overlapping
+            })
+            .filter_map(|window| window["p99_ms"].as_f64())
+            .fold(0.0, f64::max)
+    }
+
+    /// Every stream received every event of the phase, in order; the server closed none.
+    fn assert_received_all(&self, events: u64, phase: &str) {
+        let report = &self.report;
+        let expected = [
+            ("connected", HEALTHY as u64),
+            ("connections_reached_expected", HEALTHY as u64),
+            ("events_per_connection_min", events),
+            ("events_per_connection_max", events),
+            ("gaps", 0),
+            ("duplicates", 0),
+            ("gap_signals", 0),
+            ("closed_by_server", 0),
+            ("reset_by_server", 0),
+            ("failed_total", 0),
+        ];
+        for (key, value) in expected {
+            assert_eq!(
+                self.number(key),
+                value,
+                "{phase}: healthy subscribers' {key}; report:\n{report:#}"
+            );
+        }
+        assert_eq!(
+            report["checks"]["passed"].as_bool(),
+            Some(true),
+            "{phase}: {report:#}"
+        );
+    }
+}
+
+/// Runs one phase: `HEALTHY` subscribers (a `plenum load subscribe` process), then
+/// `events` events at `EVENTS_PER_SECOND`, with `during` run on this thread while
+/// they flow. Returns the subscribers' report once each has received every event.
+fn phase(server: &Server, events: u64, during: impl FnOnce(&Flow)) -> (Healthy, Published) {
+    let dir = TempDir::new("plenum-healthy");
+    let started = Instant::now();
+    let report_path = dir.path().join("healthy.json");
+    let url = format!("http://{}/events?topic=feed", server.addr());
+    let mut subscribers = std::process::Command::new(env!("CARGO_BIN_EXE_plenum"))
+        .args([
+            "load",
+            "subscribe",
+            "--url",
+            &url,
+            "--connections",
+            &HEALTHY.to_string(),
+        ])
+        .args([
+            "--expect-events",
+            &events.to_string(),
+            "--progress-interval",
+            "0",
+        ])
+        .args([
+            "--duration",
+            &format!("{}s", events / EVENTS_PER_SECOND * 3 + 30),
+            "--json",
+        ])
+        .arg(&report_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start plenum load subscribe");
+    let registered = wait_until(IO_TIMEOUT, || {
+        server
+            .try_metrics()
+            .is_ok_and(|m| m.subscribers_open() == HEALTHY as f64)
+    });
+    if !registered {
+        let _ = subscribers.kill();
+        let _ = subscribers.wait();
+        panic!(
+            "the {HEALTHY} healthy subscribers did not register:\n{}",
+            server.metrics().plenum_lines()
+        );
+    }
+    let flow = Flow::new();
+    let published = std::thread::scope(|scope| {
+        let _stop_publisher = SetOnDrop(&flow.stop);
+        let flow = &flow;
+        let publisher = scope.spawn(move || {
+            publish_count(server, flow, "feed", EVENTS_PER_SECOND, EVENT_BYTES, events)
+        });
+        during(flow);
+        publisher.join().unwrap()
+    });
+    assert_eq!(
+        published.ids.len() as u64,
+        events,
+        "the publisher published every event"
+    );
+    let output = subscribers
+        .wait_with_output()
+        .expect("plenum load subscribe ran");
+    let report = std::fs::read_to_string(&report_path).unwrap_or_default();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap_or_else(|error| {
+        panic!(
+            "no report from plenum load subscribe ({error}; exit {}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (Healthy { report, started }, published)
 }
 
 backend_tests! {
@@ -161,71 +317,60 @@ backend_tests! {
             * (2 * SOCKET_SEND_BUFFER_BYTES + 2 * STALLED_RECV_BUFFER + 2 * page)
             + KERNEL_SLACK_BYTES;
 
-        let clients = open_subscribers(server.addr(), "feed", HEALTHY).expect("healthy subscribers open");
-        server.wait_for_metrics(IO_TIMEOUT, "every healthy subscriber registered", |m| {
-            m.subscribers_open() == HEALTHY as f64
-        });
-        let before = server.metrics();
-        let flow = Flow::new();
-        let flow = &flow;
-        let plan = ReaderPlan { addr: server.addr(), topic: "feed".into(), reconnect: false };
-        let plan = &plan;
         let stop_sampling = AtomicBool::new(false);
         let stop_sampling = &stop_sampling;
         let pid = server.pid();
-        let (published, healthy, waves, rss, tcp_mem, kernel_baseline_pages, after) = std::thread::scope(|scope| {
+        let (baseline, stalled, before, after, waves, rss, tcp_mem, kernel_baseline_pages) = std::thread::scope(|scope| {
             let _stop_sampling = SetOnDrop(stop_sampling);
-            let _stop_publisher = SetOnDrop(&flow.stop);
             let rss = scope.spawn(move || {
                 Samples::collect(stop_sampling, Duration::from_millis(100), || proc_rss_bytes(pid))
             });
+            // 1. Healthy only.
+            let baseline = phase(server, EVENTS_PER_SECOND * without.as_secs(), |_| {});
+            server.wait_for_metrics(IO_TIMEOUT, "the first phase's subscribers gone", |m| {
+                m.subscribers_open() == 0.0
+            });
+            // 2. Waves of stalled readers next to new healthy subscribers.
+            let kernel_baseline_pages = sockstat_tcp_mem_pages().expect("/proc/net/sockstat has TCP mem");
             let tcp_mem = scope.spawn(move || {
                 Samples::collect(stop_sampling, Duration::from_millis(100), sockstat_tcp_mem_pages)
             });
-            let publisher = scope.spawn(move || {
-                publish_paced(server, flow, "feed", EVENTS_PER_SECOND, EVENT_BYTES, without + with)
-            });
-            let readers: Vec<_> = clients
-                .into_iter()
-                .map(|client| scope.spawn(move || read_stream(flow, plan, client, None)))
-                .collect();
-
-            // 1. Healthy only.
-            assert!(
-                flow.wait_published(EVENTS_PER_SECOND * without.as_secs(), without * 3),
-                "the publisher fell far behind"
-            );
-            // 2. Waves of stalled readers; later events count as "with".
-            flow.latency_split_seq.store(flow.published.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            let kernel_baseline_pages = sockstat_tcp_mem_pages().expect("/proc/net/sockstat has TCP mem");
-            let stalled_started = Instant::now();
+            let before = server.metrics();
+            let events = EVENTS_PER_SECOND * with.as_secs();
             let mut waves = Vec::new();
-            while waves.is_empty() || stalled_started.elapsed() + WAVE_MARGIN < with {
-                let wave = run_wave(server);
-                let stalled_total = STALLED_PER_WAVE * (waves.len() as u64 + 1);
-                // The misbehave process returns once it saw every close.
-                server.wait_for_metrics(
-                    Duration::from_secs(5),
-                    &format!("all {stalled_total} stalled readers closed as slow_consumer or write_stall"),
-                    |m| {
-                        m.closed("slow_consumer") + m.closed("write_stall")
-                            - before.closed("slow_consumer")
-                            - before.closed("write_stall")
-                            == stalled_total as f64
-                    },
-                );
-                waves.push(wave);
-            }
-            let published = publisher.join().unwrap();
-            let healthy: Vec<ReaderOutcome> = readers.into_iter().map(|r| r.join().unwrap()).collect();
-            let after = server.metrics();
+            let stalled = phase(server, events, |flow| {
+                // A wave needs events flowing until it is closed: none starts in the
+                // last WAVE_MARGIN of the flow.
+                let margin_events = EVENTS_PER_SECOND * WAVE_MARGIN.as_secs();
+                while waves.is_empty() || flow.published.load(Ordering::Relaxed) + margin_events < events {
+                    let wave = run_wave(server);
+                    let stalled_total = STALLED_PER_WAVE * (waves.len() as u64 + 1);
+                    // The misbehave process returns once it saw every close.
+                    server.wait_for_metrics(
+                        Duration::from_secs(5),
+                        &format!("all {stalled_total} stalled readers closed as slow_consumer or write_stall"),
+                        |m| {
+                            m.closed("slow_consumer") + m.closed("write_stall")
+                                - before.closed("slow_consumer")
+                                - before.closed("write_stall")
+                                == stalled_total as f64
+                        },
+                    );
+                    waves.push(wave);
+                }
+            });
+            // The healthy subscribers close themselves once done (peer_closed).
+            let after = server.wait_for_metrics(IO_TIMEOUT, "the healthy subscribers gone", |m| {
+                m.subscribers_open() == 0.0
+            });
             stop_sampling.store(true, Ordering::Relaxed);
-            (published, healthy, waves, rss.join().unwrap(), tcp_mem.join().unwrap(), kernel_baseline_pages, after)
+            (baseline, stalled, before, after, waves, rss.join().unwrap(), tcp_mem.join().unwrap(), kernel_baseline_pages)
         });
+        let (baseline, baseline_published) = baseline;
+        let (stalled, stalled_published) = stalled;
 
-        for (index, outcome) in healthy.iter().enumerate() {
-            assert_received_all(outcome, &published.ids, &format!("healthy subscriber {index}"));
-        }
+        baseline.assert_received_all(baseline_published.ids.len() as u64, "healthy only");
+        stalled.assert_received_all(stalled_published.ids.len() as u64, "next to stalled readers");
         let stalled_total = STALLED_PER_WAVE * waves.len() as u64;
         for (index, wave) in waves.iter().enumerate() {
             assert_eq!(wave.connected, STALLED_PER_WAVE, "wave {index}: every stalled reader connected");
@@ -235,55 +380,40 @@ backend_tests! {
                 "wave {index}: every stalled reader must be reset by the server (reset, FIN, still open)"
             );
         }
-        let stalled_closes = after.closed("slow_consumer") + after.closed("write_stall")
-            - before.closed("slow_consumer") - before.closed("write_stall");
-        assert_eq!(stalled_closes, stalled_total as f64, "every stalled reader closed by the slow-consumer or stall rule");
-        for reason in ["peer_closed", "reset", "timed_out", "lifetime", "handshake_timeout", "bad_request", "limit"] {
-            assert_eq!(after.closed(reason), before.closed(reason), "nothing may close as {reason}:\n{}", after.plenum_lines());
+        let closed = |reason: &str| after.closed(reason) - before.closed(reason);
+        assert_eq!(
+            closed("slow_consumer") + closed("write_stall"),
+            stalled_total as f64,
+            "every stalled reader closed by the slow-consumer or stall rule"
+        );
+        assert_eq!(closed("peer_closed"), HEALTHY as f64, "only the healthy subscribers' own closes at the end count as peer_closed");
+        for reason in ["reset", "timed_out", "lifetime", "handshake_timeout", "bad_request", "limit"] {
+            assert_eq!(closed(reason), 0.0, "nothing may close as {reason}:\n{}", after.plenum_lines());
         }
 
-        let mut without_us = latency_histogram_us();
-        let mut with_us = latency_histogram_us();
-        for outcome in &healthy {
-            without_us.add(&outcome.latency_before_us).unwrap();
-            with_us.add(&outcome.latency_after_us).unwrap();
-        }
         println!(
-            "{} events at {:.0}/s to {HEALTHY} healthy subscribers; {} waves × {STALLED_PER_WAVE} stalled readers (closed: slow_consumer {}, write_stall {}; first wave closed after {}, last after {})",
-            published.ids.len(),
-            published.rate_per_second(),
+            "{} events at {:.0}/s to {HEALTHY} healthy subscribers next to {} waves × {STALLED_PER_WAVE} stalled readers (slow_consumer {}, write_stall {}; closed after: first wave {}, last wave {})",
+            stalled_published.ids.len(),
+            stalled_published.rate_per_second(),
             waves.len(),
-            after.closed("slow_consumer") - before.closed("slow_consumer"),
-            after.closed("write_stall") - before.closed("write_stall"),
+            closed("slow_consumer"),
+            closed("write_stall"),
             waves[0].close_after,
             waves[waves.len() - 1].close_after,
         );
-        println!("healthy latency without stalled readers: {}", latency_line(&without_us));
-        println!("healthy latency with stalled readers:    {}", latency_line(&with_us));
-        // Is the delay the stalled readers' doing? The worst latency in 100 ms
-        // windows while a wave is open against windows between waves (both after
-        // the first wave, under the same flow).
-        let mut worst_by_window = std::collections::BTreeMap::<u64, u64>::new();
-        for outcome in &healthy {
-            for (window, worst) in &outcome.latency_worst_by_window {
-                let entry = worst_by_window.entry(*window).or_default();
-                *entry = (*entry).max(*worst);
-            }
-        }
-        let wave_open = |window: u64| {
-            waves.iter().any(|wave| (wave.started_window..=wave.ended_window).contains(&window))
-        };
-        let worst_ms = |open: bool| {
-            worst_by_window
-                .iter()
-                .filter(|(window, _)| **window >= waves[0].started_window && wave_open(**window) == open)
-                .map(|(_, worst)| *worst as f64 / 1000.0)
-                .fold(0.0, f64::max)
-        };
         println!(
-            "healthy worst latency per 100 ms: {:.0} ms while a wave of stalled readers is open, {:.0} ms between waves",
-            worst_ms(true),
-            worst_ms(false),
+            "healthy latency without stalled readers ({:.0} events/s): {}",
+            baseline_published.rate_per_second(),
+            baseline.latency_line()
+        );
+        println!("healthy latency with stalled readers:    {}", stalled.latency_line());
+        // Whether the delay is the stalled readers' doing: the worst one-second p99
+        // while a wave is open against the seconds between waves.
+        let spans: Vec<(Instant, Instant)> = waves.iter().map(|w| (w.started, w.ended)).collect();
+        println!(
+            "healthy worst one-second p99: {:.1} ms while a wave of stalled readers is open, {:.1} ms in seconds without one",
+            stalled.worst_window_p99_ms(&spans, true),
+            stalled.worst_window_p99_ms(&spans, false),
         );
 
         bound.assert_holds(&rss, "plenum");

@@ -106,11 +106,37 @@ pub fn publish_paced(
     event_bytes: usize,
     duration: Duration,
 ) -> Published {
+    publish(server, flow, topic, rate, event_bytes, |seq, elapsed| {
+        elapsed < duration || seq == 0
+    })
+}
+
+/// Like [`publish_paced`], but publishes exactly `count` events (fewer only if
+/// [`Flow::stop`] is set).
+pub fn publish_count(
+    server: &Server,
+    flow: &Flow,
+    topic: &str,
+    rate: u64,
+    event_bytes: usize,
+    count: u64,
+) -> Published {
+    publish(server, flow, topic, rate, event_bytes, |seq, _| seq < count)
+}
+
+fn publish(
+    server: &Server,
+    flow: &Flow,
+    topic: &str,
+    rate: u64,
+    event_bytes: usize,
+    mut more: impl FnMut(u64, Duration) -> bool,
+) -> Published {
     let mut publisher = server.publisher();
     let started = Instant::now();
-    let mut ids = Vec::with_capacity((rate as f64 * duration.as_secs_f64()) as usize + 16);
+    let mut ids = Vec::new();
     let mut seq = 0u64;
-    while started.elapsed() < duration && !flow.stop.load(Ordering::Relaxed) {
+    while more(seq, started.elapsed()) && !flow.stop.load(Ordering::Relaxed) {
         ids.push(publisher.publish(&[topic], None, &event_body(seq, event_bytes)));
         seq += 1;
         flow.published.store(seq, Ordering::Relaxed);
@@ -120,10 +146,9 @@ pub fn publish_paced(
         }
     }
     let elapsed = started.elapsed();
-    flow.final_id.store(
-        *ids.last().expect("published at least one event"),
-        Ordering::Relaxed,
-    );
+    if let Some(last) = ids.last() {
+        flow.final_id.store(*last, Ordering::Relaxed);
+    }
     Published {
         ids,
         elapsed,
@@ -139,6 +164,12 @@ pub struct ReaderPlan {
     pub topic: String,
     /// Reopen a stream that ends, with `Last-Event-ID` (as a browser's EventSource).
     pub reconnect: bool,
+    /// `SO_RCVLOWAT`: a read waits for this many bytes (or its 100 ms timeout, when
+    /// it returns what there is). Cuts the reader threads' wake-ups — 100 threads
+    /// woken for every 1 KiB event take both cores of a small machine — at the
+    /// price of up to `bytes / rate` of added latency; leave `None` where latency
+    /// is measured.
+    pub recv_lowat: Option<usize>,
 }
 
 /// What one reader saw.
@@ -155,9 +186,6 @@ pub struct ReaderOutcome {
     pub latency_before_us: Histogram<u64>,
     /// ... and at or after it.
     pub latency_after_us: Histogram<u64>,
-    /// The worst latency (µs) per 100 ms window of receive time (key: Unix time
-    /// in units of 100 ms), to tell bursts from a steady delay.
-    pub latency_worst_by_window: std::collections::BTreeMap<u64, u64>,
     /// Set when the reader stopped because it was told to die.
     pub died_at: Option<Instant>,
     /// Why the reader stopped before the final event, if it did.
@@ -192,11 +220,13 @@ pub fn read_stream(
         retries: 0,
         latency_before_us: latency_histogram_us(),
         latency_after_us: latency_histogram_us(),
-        latency_worst_by_window: Default::default(),
         died_at: None,
         failure: None,
         client: None,
     };
+    if let Some(bytes) = plan.recv_lowat {
+        set_recv_lowat(client.stream(), bytes);
+    }
     let mut client = Some(client);
     let mut quiet_since = Instant::now();
     loop {
@@ -218,6 +248,9 @@ pub fn read_stream(
             }
             match SseClient::try_open(plan.addr, &request) {
                 Ok(reopened) => {
+                    if let Some(bytes) = plan.recv_lowat {
+                        set_recv_lowat(reopened.stream(), bytes);
+                    }
                     outcome.reconnects += 1;
                     client = Some(reopened);
                 }
@@ -237,13 +270,7 @@ pub fn read_stream(
                 }
                 outcome.ids.push(event.id());
                 if let Some(ts) = body_ts(&event.data()) {
-                    let now = unix_nanos();
-                    let latency_us = now.saturating_sub(ts) / 1000;
-                    let worst = outcome
-                        .latency_worst_by_window
-                        .entry(now / 100_000_000)
-                        .or_default();
-                    *worst = (*worst).max(latency_us);
+                    let latency_us = unix_nanos().saturating_sub(ts) / 1000;
                     let seq = body_seq(&event.data()).unwrap_or(0);
                     let split = flow.latency_split_seq.load(Ordering::Relaxed);
                     let histogram = if split != 0 && seq >= split {
@@ -279,6 +306,24 @@ pub fn read_stream(
             }
         }
     }
+}
+
+/// Sets `SO_RCVLOWAT` on `stream`.
+pub fn set_recv_lowat(stream: &std::net::TcpStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let value = bytes as libc::c_int;
+    // SAFETY: setsockopt on an open socket we borrow, with a pointer to a c_int
+    // that lives for the call and its exact size.
+    let result = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(result, 0, "SO_RCVLOWAT: {}", io::Error::last_os_error());
 }
 
 /// The `seq=` value of an event body, if present.
