@@ -101,7 +101,8 @@ impl Backend for Scripted {
 
 /// A shard with `subscribers` streams on topic `bench`, and its hub.
 fn shard_with_subscribers(subscribers: u32) -> (Shard<Scripted>, Arc<Hub>) {
-    let config = plenum::server::default_config();
+    let mut config = plenum::server::default_config();
+    config.connections_max = 1_000_000;
     let hub = Arc::new(Hub::new(vec![Waker::new().unwrap()], 1024, 1000, 64 << 20));
     let shared = Arc::new(Shared {
         limits: Limits {
@@ -119,9 +120,23 @@ fn shard_with_subscribers(subscribers: u32) -> (Shard<Scripted>, Arc<Hub>) {
         draining: AtomicBool::new(false),
     });
     let mut shard = Shard::new(0, Scripted::new(subscribers), shared);
+    // Turn 1 accepts; turn 2 reads each request and subscribes.
+    shard.turn().unwrap();
     shard.turn().unwrap();
     assert_eq!(shard.connections(), subscribers as usize);
+    let before = shard_bytes(&mut shard);
+    hub.publish(Box::new(["bench".into()]), None, "probe");
+    shard.turn().unwrap();
+    assert!(
+        shard_bytes(&mut shard) > before,
+        "the probe event reached the subscribers"
+    );
     (shard, hub)
+}
+
+/// Bytes the scripted backend has "sent".
+fn shard_bytes(shard: &mut Shard<Scripted>) -> usize {
+    shard.backend().bytes_sent
 }
 
 fn tiny() -> bool {
@@ -182,7 +197,9 @@ fn fan_out(c: &mut Criterion) {
                 b.iter_batched(
                     || hub.publish(Box::new(["bench".into()]), None, &data),
                     |_| shard.turn().unwrap(),
-                    BatchSize::SmallInput,
+                    // One event per turn, as at a low publish rate: a batch of
+                    // publishes first would be one multi-frame pass (or overflow).
+                    BatchSize::PerIteration,
                 )
             },
         );

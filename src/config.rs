@@ -110,6 +110,11 @@ impl<'de> Deserialize<'de> for Span {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
+    /// io_uring where the start-up probe succeeds, else epoll (the reason is logged).
+    Auto,
+    /// io_uring with direct descriptors; start-up fails if the kernel or the
+    /// container does not allow it.
+    Uring,
     /// Edge-triggered epoll with non-blocking syscalls.
     Epoll,
 }
@@ -117,6 +122,8 @@ pub enum BackendChoice {
 impl BackendChoice {
     pub fn name(self) -> &'static str {
         match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Uring => "uring",
             BackendChoice::Epoll => "epoll",
         }
     }
@@ -139,7 +146,7 @@ pub struct ServeArgs {
     /// Shard threads, each with its own listener and event loop. [default: CPUs available]
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
-    /// I/O backend. [default: epoll]
+    /// I/O backend: auto (io_uring if the probe passes, else epoll), uring, epoll. [default: auto]
     #[arg(long, value_enum)]
     pub backend: Option<BackendChoice>,
     /// Listen backlog per listener (capped by net.core.somaxconn). [default: 4096]
@@ -369,7 +376,7 @@ impl ServeArgs {
                 self.listen
             },
             shards: self.shards.unwrap_or(cpus),
-            backend: self.backend.unwrap_or(BackendChoice::Epoll),
+            backend: self.backend.unwrap_or(BackendChoice::Auto),
             backlog: self.backlog.unwrap_or(4096),
             connections_max: self
                 .connections_max
@@ -545,6 +552,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--publish-token"));
+    }
+
+    #[test]
+    fn backend_defaults_to_auto_and_parses_from_the_file() {
+        let config = ServeArgs::default().resolve(1000).unwrap();
+        assert_eq!(config.backend, BackendChoice::Auto);
+        for (text, choice) in [
+            ("auto", BackendChoice::Auto),
+            ("uring", BackendChoice::Uring),
+            ("epoll", BackendChoice::Epoll),
+        ] {
+            let file: ServeArgs = toml::from_str(&format!("backend = \"{text}\"\n")).unwrap();
+            assert_eq!(file.backend, Some(choice));
+            assert_eq!(choice.name(), text);
+        }
     }
 
     #[test]

@@ -20,6 +20,9 @@ use crate::hub::Hub;
 pub struct ShardStats {
     pub connections_open: AtomicI64,
     pub subscribers_open: AtomicI64,
+    /// Topics with at least one subscriber on this shard (the topic index's
+    /// size), stored by the shard once per loop turn.
+    pub topics: AtomicI64,
     pub accepted: AtomicU64,
     pub closed: [AtomicU64; CloseReason::ALL.len()],
     pub frames_delivered: AtomicU64,
@@ -31,6 +34,13 @@ pub struct ShardStats {
     /// Times this shard fell so far behind that history no longer held what
     /// it missed, and closed its subscribers.
     pub resyncs_lost: AtomicU64,
+    /// io_uring: multishot accepts armed again after they ended.
+    pub uring_accept_rearms: AtomicU64,
+    /// io_uring: accepts that found the registered file table full (`-ENFILE`;
+    /// the kernel dropped that connection).
+    pub uring_accept_table_full: AtomicU64,
+    /// io_uring: polls that found completions held back by a full completion queue.
+    pub uring_cq_overflows: AtomicU64,
     /// Publish-to-write latency in microseconds.
     pub latency_us: Mutex<Histogram<u64>>,
 }
@@ -40,6 +50,7 @@ impl Default for ShardStats {
         ShardStats {
             connections_open: AtomicI64::new(0),
             subscribers_open: AtomicI64::new(0),
+            topics: AtomicI64::new(0),
             accepted: AtomicU64::new(0),
             closed: std::array::from_fn(|_| AtomicU64::new(0)),
             frames_delivered: AtomicU64::new(0),
@@ -49,6 +60,9 @@ impl Default for ShardStats {
             replays: AtomicU64::new(0),
             replays_too_old: AtomicU64::new(0),
             resyncs_lost: AtomicU64::new(0),
+            uring_accept_rearms: AtomicU64::new(0),
+            uring_accept_table_full: AtomicU64::new(0),
+            uring_cq_overflows: AtomicU64::new(0),
             latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
             ),
@@ -116,6 +130,17 @@ pub fn render(
             out,
             "plenum_subscribers_open{{shard=\"{i}\"}} {}",
             shard.subscribers_open.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP plenum_topics Topics with at least one subscriber.\n# TYPE plenum_topics gauge"
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "plenum_topics{{shard=\"{i}\"}} {}",
+            shard.topics.load(Ordering::Relaxed)
         );
     }
     let counter = |out: &mut String, name: &str, help: &str, value: u64| {
@@ -209,6 +234,24 @@ pub fn render(
         "plenum_resyncs_lost_total",
         "Times a shard fell behind history and closed its subscribers.",
         load(&|s| s.resyncs_lost.load(Ordering::Relaxed)),
+    );
+    counter(
+        &mut out,
+        "plenum_uring_accept_rearms_total",
+        "io_uring: multishot accepts armed again after they ended.",
+        load(&|s| s.uring_accept_rearms.load(Ordering::Relaxed)),
+    );
+    counter(
+        &mut out,
+        "plenum_uring_accept_table_full_total",
+        "io_uring: connections dropped by the kernel because the registered file table was full.",
+        load(&|s| s.uring_accept_table_full.load(Ordering::Relaxed)),
+    );
+    counter(
+        &mut out,
+        "plenum_uring_cq_overflows_total",
+        "io_uring: polls that found completions held back by a full completion queue.",
+        load(&|s| s.uring_cq_overflows.load(Ordering::Relaxed)),
     );
 
     let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");

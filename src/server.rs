@@ -18,8 +18,9 @@ use std::time::Instant;
 use anyhow::Context;
 
 use crate::backend::epoll::Epoll;
-use crate::backend::Waker;
-use crate::config::{Config, ServeArgs};
+use crate::backend::uring::{self, probe, Uring};
+use crate::backend::{Backend, Waker};
+use crate::config::{BackendChoice, Config, ServeArgs};
 use crate::http::Limits;
 use crate::hub::Hub;
 use crate::metrics::ShardStats;
@@ -38,11 +39,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         crate::net::raise_open_file_limit().context("reading the open-file limit")?;
     let config = args.resolve(open_files_max)?;
     init_logging(&config.log_level);
+    let chosen = choose_backend(&config, open_files_max)?;
     // One warning per host knob that would stop `--connections-max`
     // connections, instead of EMFILE under load later.
     for warning in crate::check::startup_warnings(
         config.connections_max as u64,
-        config.backend.name(),
+        chosen.name(),
         config.shards,
         config.backlog,
         config.socket_send_buffer_bytes as u64,
@@ -78,7 +80,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .map(|_| Arc::new(ShardStats::default()))
             .collect(),
         hub,
-        backend_name: config.backend.name(),
+        backend_name: chosen.name(),
         limits,
         connections_open: AtomicUsize::new(0),
         per_ip: Mutex::new(HashMap::new()),
@@ -100,24 +102,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     pin_to_cpu(cpu);
                 }
                 let waker_fd = shared.hub.feed(index).waker.raw_fd();
-                let backend = match Epoll::new(listeners, waker_fd) {
-                    Ok(backend) => backend,
-                    Err(error) => {
-                        let _ = notices.send(Notice::StartFailed(format!(
-                            "shard {index}: epoll: {error}"
-                        )));
-                        return;
+                match chosen {
+                    Chosen::Epoll => {
+                        let backend = Epoll::new(listeners, waker_fd);
+                        run_shard(index, backend, shared, &notices);
                     }
-                };
-                let _ = notices.send(Notice::Started);
-                let error = Shard::new(index, backend, shared)
-                    .run()
-                    .err()
-                    .map(|e| e.to_string());
-                let _ = notices.send(Notice::Stopped {
-                    shard: index,
-                    error,
-                });
+                    Chosen::Uring(options) => {
+                        let stats = shared.stats[index].clone();
+                        let backend = Uring::new(listeners, waker_fd, options, stats);
+                        run_shard(index, backend, shared, &notices);
+                    }
+                }
             })
             .context("starting a shard thread")?;
         threads.push(thread);
@@ -137,7 +132,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     log::info!(
         "plenum {} serving: backend={} shards={} connections_max={} listen={}",
         env!("CARGO_PKG_VERSION"),
-        config.backend.name(),
+        chosen.name(),
         config.shards,
         config.connections_max,
         addresses
@@ -207,6 +202,92 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The backend the shards run, after the probe.
+#[derive(Debug, Clone, Copy)]
+enum Chosen {
+    Epoll,
+    Uring(uring::Options),
+}
+
+impl Chosen {
+    fn name(self) -> &'static str {
+        match self {
+            Chosen::Epoll => "epoll",
+            Chosen::Uring(_) => "uring",
+        }
+    }
+}
+
+/// Resolves `--backend`: `auto` probes io_uring and falls back to epoll with
+/// the reason in one log line; `uring` fails start-up with the reason.
+fn choose_backend(config: &Config, open_files_max: usize) -> anyhow::Result<Chosen> {
+    if config.backend == BackendChoice::Epoll {
+        return Ok(Chosen::Epoll);
+    }
+    let wanted = probe::files_per_ring_for(config.connections_max as u64, config.shards as u64);
+    let files_per_ring = wanted
+        .min(open_files_max as u64)
+        .min(probe::FILES_PER_RING_KERNEL_MAX as u64)
+        .max(1) as u32;
+    if wanted > files_per_ring as u64 {
+        log::warn!(
+            "--connections-max {} over {} shards needs {wanted} direct descriptors per ring, \
+             but a ring holds at most {files_per_ring} (RLIMIT_NOFILE, or the kernel's maximum): \
+             past that, connections are dropped by the kernel, not answered 503; use more \
+             --shards (tuning/GUIDE.md#open-file-limits)",
+            config.connections_max,
+            config.shards,
+        );
+    }
+    match probe::probe(files_per_ring) {
+        Ok(capabilities) => {
+            if !capabilities.socket_commands {
+                log::warn!(
+                    "io_uring socket commands are unavailable (Linux 6.7+): stall closes end \
+                     without a reset and peer addresses are unknown"
+                );
+            }
+            Ok(Chosen::Uring(uring::Options {
+                files_per_ring,
+                socket_commands: capabilities.socket_commands,
+            }))
+        }
+        Err(reason) if config.backend == BackendChoice::Auto => {
+            log::warn!("io_uring unavailable, using epoll: {reason}");
+            Ok(Chosen::Epoll)
+        }
+        Err(reason) => anyhow::bail!("--backend uring: io_uring unavailable: {reason}"),
+    }
+}
+
+/// Runs one shard's loop on `backend` and reports start and stop to the main thread.
+fn run_shard<B: Backend>(
+    index: usize,
+    backend: std::io::Result<B>,
+    shared: Arc<Shared>,
+    notices: &mpsc::Sender<Notice>,
+) {
+    let backend = match backend {
+        Ok(backend) => backend,
+        Err(error) => {
+            let _ = notices.send(Notice::StartFailed(format!(
+                "shard {index}: backend: {error}"
+            )));
+            return;
+        }
+    };
+    let name = backend.name();
+    let _ = notices.send(Notice::Started);
+    let error = Shard::new(index, backend, shared)
+        .run()
+        .err()
+        .map(|e| format!("{name}: {e}"));
+    let _ = notices.send(Notice::Stopped {
+        shard: index,
+        error,
+    });
 }
 
 fn begin_shutdown(shared: &Shared) {

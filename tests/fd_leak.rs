@@ -16,7 +16,9 @@ const CYCLES: usize = 3000;
 backend_tests! {
     fn connect_disconnect_cycles_return_fds_and_slots_to_baseline(backend: Backend) {
         let server = Server::start(backend, &["--shards", "2"]);
-        let fds_baseline = server.fd_count();
+        // The harness's own start-up scrape may still be closing on the server
+        // side: the baseline is the count once it has settled.
+        let fds_baseline = settled_fd_count(&server);
         let open_baseline = server.baseline_connections_open();
         let mut watcher = server.subscribe(&["leak"]);
 
@@ -63,7 +65,7 @@ backend_tests! {
             "open fds {} did not return to the baseline {fds_baseline}",
             server.fd_count()
         );
-        assert_eq!(server.fd_count(), fds_baseline, "fewer fds than at start?");
+        assert_eq!(settled_fd_count(&server), fds_baseline, "fewer fds than at start?");
         // Every accepted connection is either open (this scrape) or closed by a reason.
         let accepted = metrics.counter("plenum_connections_accepted_total");
         let closed = metrics.sum("plenum_connections_closed_total");
@@ -75,4 +77,22 @@ backend_tests! {
             metrics.plenum_lines()
         );
     }
+}
+
+/// The server's fd count once it has not changed for 200 ms (at most 5 s).
+fn settled_fd_count(server: &Server) -> usize {
+    let mut last = server.fd_count();
+    let mut stable_since = std::time::Instant::now();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = server.fd_count();
+        if now != last {
+            last = now;
+            stable_since = std::time::Instant::now();
+        } else if stable_since.elapsed() >= Duration::from_millis(200) {
+            break;
+        }
+    }
+    last
 }

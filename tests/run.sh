@@ -43,7 +43,34 @@ cargo test --release --lib --bins
 cargo test --release --benches
 
 step "integration tests (one at a time: they share 2 cores and 20,000 files)"
-cargo test --release --test '*' -- --test-threads=1
+cargo test --release --no-fail-fast --test '*' -- --test-threads=1
+
+step "fuzz the request path (time-boxed)"
+# The committed corpus was already replayed above (tests/fuzz_corpus.rs); this
+# searches for new inputs for ${PLENUM_FUZZ_SECS:-60} s (600 s in the heavy tier),
+# into a scratch corpus so fuzz/corpus/request stays as committed. cargo-fuzz
+# passes nightly-only flags (-Zsanitizer=address, sanitizer coverage) that a
+# stable rustc accepts with RUSTC_BOOTSTRAP=1. Skipped, with a line saying so,
+# only if cargo-fuzz cannot be installed; a crash fails the run.
+if [ "${PLENUM_TIER:-}" = heavy ]; then fuzz_secs=${PLENUM_FUZZ_SECS:-600}; else fuzz_secs=${PLENUM_FUZZ_SECS:-60}; fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  timeout 900 cargo install cargo-fuzz --locked >/dev/null 2>&1 || true
+fi
+if cargo fuzz --version >/dev/null 2>&1; then
+  scratch=$(mktemp -d)
+  fuzz_log=$(mktemp)
+  if RUSTC_BOOTSTRAP=1 cargo fuzz run request "$scratch" fuzz/corpus/request -- \
+      -max_total_time="$fuzz_secs" -print_final_stats=1 >"$fuzz_log" 2>&1; then
+    grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$fuzz_log" || tail -n 5 "$fuzz_log"
+  else
+    tail -n 80 "$fuzz_log"
+    echo "fuzzing found a failure: the input is in fuzz/artifacts/request/"
+    exit 1
+  fi
+  rm -rf "$scratch" "$fuzz_log"
+else
+  echo "SKIP fuzzing: cargo-fuzz cannot be installed here (the corpus replay still ran)"
+fi
 
 step "done"
 echo "total $(( $(date +%s) - started ))s"

@@ -21,7 +21,11 @@
 //!    `Blocked` the caller must pass the same buffers again (same addresses,
 //!    same order; more may be appended) and keep them alive and unchanged
 //!    until then — in practice: the outbox's front frame and the request
-//!    buffer are not touched while an operation is in flight.
+//!    buffer are not touched while an operation is in flight. (The shard
+//!    does rewrite its request buffer between two `recv` calls — it
+//!    zero-fills the room it offers — and shares one discard buffer among
+//!    its streams, so the io_uring backend receives into buffers of its own
+//!    and copies out on the second call; only send buffers are relied on.)
 //! 4. **Close.** [`Backend::close`] (with `reset` for an `SO_LINGER 0` abort)
 //!    returns `true` if the slot may be reused at once, or `false` if
 //!    operations are still in flight; then [`Event::Closed`] follows once the

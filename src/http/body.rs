@@ -7,7 +7,9 @@
 
 use super::Rejection;
 
-/// The longest trailer line, or chunk-size line, tolerated.
+/// The longest trailer line, or chunk-size line, tolerated, with its CRLF.
+/// Enforced on complete lines and on incomplete ones alike, so the answer
+/// does not depend on how the line was split across reads.
 const FRAMING_LINE_BYTES_MAX: usize = 4096;
 
 #[derive(Debug)]
@@ -77,6 +79,9 @@ impl ChunkedDecoder {
                 State::Done => return Ok((at, true)),
                 State::Size => match httparse::parse_chunk_size(rest) {
                     Ok(httparse::Status::Complete((used, size))) => {
+                        if used > FRAMING_LINE_BYTES_MAX {
+                            return Err(BAD);
+                        }
                         at += used;
                         if size > (max - body.len()) as u64 {
                             return Err(Rejection::new(413, "body too large"));
@@ -88,7 +93,8 @@ impl ChunkedDecoder {
                         };
                     }
                     Ok(httparse::Status::Partial) => {
-                        return if rest.len() > FRAMING_LINE_BYTES_MAX {
+                        // The line will be at least one byte longer than `rest`.
+                        return if rest.len() >= FRAMING_LINE_BYTES_MAX {
                             Err(BAD)
                         } else {
                             Ok((at, false))
@@ -129,9 +135,10 @@ impl ChunkedDecoder {
                         at += 2;
                         self.state = State::Done;
                     }
+                    Some(end) if end + 2 > FRAMING_LINE_BYTES_MAX => return Err(BAD),
                     Some(end) => at += end + 2,
                     None => {
-                        return if rest.len() > FRAMING_LINE_BYTES_MAX {
+                        return if rest.len() >= FRAMING_LINE_BYTES_MAX {
                             Err(BAD)
                         } else {
                             Ok((at, false))
@@ -206,6 +213,32 @@ mod tests {
         assert!(ChunkedDecoder::default()
             .feed(&endless_size, &mut body, 100)
             .is_err());
+    }
+
+    /// A framing line over the limit is refused whether it arrives whole or
+    /// in pieces (it used to be accepted when it arrived in one read).
+    #[test]
+    fn overlong_framing_lines_are_refused_at_any_split() {
+        let extension = "e".repeat(FRAMING_LINE_BYTES_MAX);
+        let size_line = format!("1;{extension}\r\nx\r\n0\r\n\r\n");
+        let trailer = format!("1\r\nx\r\n0\r\nT: {extension}\r\n\r\n");
+        for input in [size_line, trailer] {
+            for split in [0, 1, 100, FRAMING_LINE_BYTES_MAX, input.len()] {
+                assert_eq!(
+                    decode_split(input.as_bytes(), split).unwrap_err().status,
+                    400,
+                    "split {split}"
+                );
+            }
+        }
+        // The longest line allowed, with its CRLF, is accepted.
+        let longest = format!(
+            "1;{}\r\nx\r\n0\r\n\r\n",
+            "e".repeat(FRAMING_LINE_BYTES_MAX - 4)
+        );
+        for split in [0, 1, 100, FRAMING_LINE_BYTES_MAX - 1, longest.len()] {
+            assert_eq!(decode_split(longest.as_bytes(), split).unwrap(), b"x");
+        }
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! reason), and writes the bytes of a [`response`] out.
 
 mod body;
+/// The request path as one function of bytes: the fuzz target's and the
+/// corpus replay test's driver.
+#[doc(hidden)]
+pub mod fuzz;
 mod request;
 mod response;
 

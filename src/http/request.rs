@@ -92,6 +92,10 @@ pub struct Request {
 /// Parses a request head from the start of `buf`. `Ok(None)`: incomplete,
 /// read more. Sizes, headers, route and parameters are all checked here.
 pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Rejection> {
+    // Bytes past the limit are never looked at, so a head over it is a 431
+    // whether the bytes came in one read or trickled in (an error past the
+    // limit would otherwise be a 400 in one case and a 431 in the other).
+    let buf = &buf[..buf.len().min(limits.head_bytes_max)];
     let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
     let mut parsed = httparse::Request::new(&mut headers);
     let head_len = match parsed.parse(buf) {

@@ -96,7 +96,9 @@ impl Epoll {
     /// Waits up to `timeout` for events; returns how many of `list` were filled.
     /// An interrupted wait returns 0.
     pub fn wait(&self, list: &mut [Ready], timeout: Duration) -> io::Result<usize> {
-        let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // Rounded up: a wait shorter than a millisecond truncated to 0 would
+        // make a paced loop spin until its next send is due.
+        let timeout_ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
         let capacity = list.len().min(i32::MAX as usize) as libc::c_int;
         // SAFETY: `list` is a valid, writable array of `capacity` epoll_events
         // for the duration of the call; the kernel writes at most that many.

@@ -55,8 +55,14 @@ const TICK_MS: u64 = 50;
 /// Frames taken from the inbox per turn, so a publish storm cannot starve
 /// accepts and reads.
 const INBOX_FRAMES_PER_TURN_MAX: usize = 1024;
-/// Bytes read per `recv` for a request, and the discard buffer's size.
+/// Bytes read per `recv` for a request body, and the discard buffer's size.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// The first read of a request head; later reads double the buffer.
+const HEAD_READ_FIRST_BYTES: usize = 1024;
+/// Request bytes read from one connection per turn. A client that keeps its
+/// socket full (endless trailers, a pipelined flood) is read again on the
+/// next turn instead of holding the loop until its deadline.
+const READ_BYTES_PER_TURN_MAX: usize = 4 * READ_CHUNK_BYTES;
 /// Bytes a subscriber may send after its request in one readiness event
 /// before it is closed as misbehaving (they are read and discarded).
 const SUBSCRIBER_INPUT_BYTES_MAX: usize = 256 * 1024;
@@ -103,6 +109,7 @@ struct StaticFrames {
     retry: Arc<Frame>,
     continue_100: Arc<Frame>,
     limit: Arc<Frame>,
+    draining: Arc<Frame>,
 }
 
 /// The write path: direct writes, outboxes and their limits. Borrowed out
@@ -257,6 +264,8 @@ pub struct Shard<B: Backend> {
     counters: TurnCounters,
     events: Vec<Event>,
     to_close: Vec<u32>,
+    /// Subscribers with frames queued by a batched pass, to flush after it.
+    dirty: Vec<u32>,
     pass: Vec<Arc<Frame>>,
     /// Receives and discards what subscribers send after their request.
     discard: Box<[u8]>,
@@ -266,6 +275,10 @@ pub struct Shard<B: Backend> {
     rng: u64,
     /// More inbox frames are waiting than one turn takes.
     inbox_more: bool,
+    /// Connections that used their read budget with bytes possibly left in
+    /// the socket: read again next turn (edge-triggered readiness will not
+    /// report them again).
+    read_more: Vec<Token>,
     rejections_in_flight: usize,
     draining_since_ms: Option<u64>,
 }
@@ -287,6 +300,7 @@ impl<B: Backend> Shard<B> {
             retry: Frame::control(retry.into_bytes()),
             continue_100: Frame::control(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
             limit,
+            draining: http::response(Status(503), "text/plain", b"draining\n", false, &[]),
         };
         let timeouts = [
             config.heartbeat_interval,
@@ -320,6 +334,7 @@ impl<B: Backend> Shard<B> {
             counters: TurnCounters::default(),
             events: Vec::with_capacity(1024),
             to_close: Vec::new(),
+            dirty: Vec::new(),
             pass: Vec::with_capacity(INBOX_FRAMES_PER_TURN_MAX),
             discard: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
             sweep_cursor: 0,
@@ -327,6 +342,7 @@ impl<B: Backend> Shard<B> {
             next_tick_ms: TICK_MS,
             rng: 0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) << 17) ^ first_id,
             inbox_more: false,
+            read_more: Vec::new(),
             rejections_in_flight: 0,
             draining_since_ms: None,
             shared,
@@ -343,7 +359,8 @@ impl<B: Backend> Shard<B> {
     /// once the shard has drained after shutdown. Public so that a scripted
     /// backend can drive a shard step by step (benches, simulations).
     pub fn turn(&mut self) -> std::io::Result<bool> {
-        let timeout = if self.inbox_more {
+        let read_more = std::mem::take(&mut self.read_more);
+        let timeout = if self.inbox_more || !read_more.is_empty() {
             Duration::ZERO
         } else {
             Duration::from_millis(self.next_tick_ms.saturating_sub(self.clock()))
@@ -356,6 +373,16 @@ impl<B: Backend> Shard<B> {
             self.handle(event);
         }
         self.events = events;
+        for &token in &read_more {
+            let slot = token.slot();
+            let live = self.generations.get(slot as usize) == Some(&token.generation())
+                && self.slots[slot as usize]
+                    .as_ref()
+                    .is_some_and(|c| c.closing.is_none());
+            if live {
+                self.read_request(slot);
+            }
+        }
         polled?;
         self.drain_inbox();
         if self.now_ms >= self.next_tick_ms {
@@ -366,6 +393,11 @@ impl<B: Backend> Shard<B> {
         self.publish_counters();
         let drained = self.draining_since_ms.is_some() && self.slots.iter().all(Option::is_none);
         Ok(!drained)
+    }
+
+    /// The backend (benches and simulations inspect a scripted one).
+    pub fn backend(&mut self) -> &mut B {
+        &mut self.backend
     }
 
     /// Connections in use (occupied slots).
@@ -424,7 +456,10 @@ impl<B: Backend> Shard<B> {
         metrics::add(&self.stats.accepted, 1);
         let shared = &self.shared;
         let config = &shared.config;
-        let mut over_limit = shared.is_draining();
+        // While draining, new connections are refused like those over a
+        // limit, but answered `503 draining` and counted as `shutdown`.
+        let draining = shared.is_draining();
+        let mut over_limit = draining;
         if !over_limit {
             let open = shared.connections_open.fetch_add(1, Ordering::AcqRel);
             if open >= config.connections_max {
@@ -447,7 +482,12 @@ impl<B: Backend> Shard<B> {
         }
         if over_limit && self.rejections_in_flight >= REJECTIONS_IN_FLIGHT_MAX {
             self.backend.discard(handle);
-            metrics::add(&self.stats.closed[CloseReason::Limit.index()], 1);
+            let reason = if draining {
+                CloseReason::Shutdown
+            } else {
+                CloseReason::Limit
+            };
+            metrics::add(&self.stats.closed[reason.index()], 1);
             return;
         }
         let deadline_ms = self.now_ms + config.handshake_timeout.as_millis() as u64;
@@ -467,8 +507,12 @@ impl<B: Backend> Shard<B> {
             let conn = self.conn(slot);
             conn.rejected = true;
             conn.inbound = None;
-            let frame = self.frames.limit.clone();
-            self.respond_and_close(slot, &frame, CloseReason::Limit);
+            let (frame, reason) = if draining {
+                (self.frames.draining.clone(), CloseReason::Shutdown)
+            } else {
+                (self.frames.limit.clone(), CloseReason::Limit)
+            };
+            self.respond_and_close(slot, &frame, reason);
         } else {
             metrics::add_signed(&self.stats.connections_open, 1);
         }
@@ -571,6 +615,7 @@ impl<B: Backend> Shard<B> {
     fn read_request(&mut self, slot: u32) {
         let token = self.token(slot);
         let head_max = self.shared.config.request_head_bytes_max;
+        let mut read_bytes = 0;
         loop {
             self.process_input(slot);
             let conn = self.slots[slot as usize].as_mut().expect("occupied slot");
@@ -587,6 +632,10 @@ impl<B: Backend> Shard<B> {
             let Some(inbound) = conn.inbound.as_mut() else {
                 return;
             };
+            if read_bytes >= READ_BYTES_PER_TURN_MAX {
+                self.read_more.push(token);
+                return;
+            }
             let filled = inbound.buf.len();
             // Head bytes beyond the limit are never read: the parse answers 431 first.
             let room = if conn.phase == Phase::Head {
@@ -594,7 +643,14 @@ impl<B: Backend> Shard<B> {
             } else {
                 READ_CHUNK_BYTES
             };
-            let chunk = room.min(READ_CHUNK_BYTES);
+            // A head is read into a buffer that starts at 1 KiB and doubles:
+            // most heads are a few hundred bytes, and a burst of handshakes
+            // should not hold (or zero) 16 KiB per connection.
+            let chunk = if conn.phase == Phase::Head {
+                room.min(filled.max(HEAD_READ_FIRST_BYTES))
+            } else {
+                room.min(READ_CHUNK_BYTES)
+            };
             if chunk == 0 {
                 return;
             }
@@ -604,6 +660,7 @@ impl<B: Backend> Shard<B> {
                 .recv(conn.handle, token, &mut inbound.buf[filled..]);
             let received = if let Io::Done(n) = result { n } else { 0 };
             inbound.buf.truncate(filled + received);
+            read_bytes += received;
             match result {
                 Io::Done(_) => {}
                 Io::Blocked => return,
@@ -999,6 +1056,11 @@ impl<B: Backend> Shard<B> {
             return;
         }
         let pass = std::mem::take(&mut self.pass);
+        // One frame: written straight to each caught-up subscriber. Several
+        // (the shard is behind, or recovering): queued per subscriber and
+        // flushed with one vectored write each, so a shard that falls behind
+        // pays one syscall per subscriber per pass, not per frame.
+        let batched = missed || pass.len() > 1;
         if missed {
             self.recover(None);
         }
@@ -1009,8 +1071,9 @@ impl<B: Backend> Shard<B> {
             if frame.seq > self.last_seq + 1 {
                 self.recover(Some(frame.seq));
             }
-            self.fan_out(frame);
+            self.fan_out(frame, batched);
         }
+        self.flush_dirty();
         let now = Instant::now();
         {
             let mut latency = self
@@ -1039,7 +1102,7 @@ impl<B: Backend> Shard<B> {
                     .iter()
                     .filter(|f| until_seq.is_none_or(|until| f.seq < until))
                 {
-                    self.fan_out(frame);
+                    self.fan_out(frame, true);
                 }
             }
             None => {
@@ -1071,8 +1134,10 @@ impl<B: Backend> Shard<B> {
         }
     }
 
-    /// Writes one frame to every live subscriber of its topics on this shard.
-    fn fan_out(&mut self, frame: &Arc<Frame>) {
+    /// Writes one frame to every live subscriber of its topics on this shard,
+    /// or with `batched`, queues it and lists the subscriber for
+    /// [`Self::flush_dirty`].
+    fn fan_out(&mut self, frame: &Arc<Frame>, batched: bool) {
         debug_assert_eq!(frame.seq, self.last_seq + 1);
         self.last_seq = frame.seq;
         self.last_id = frame.id;
@@ -1085,6 +1150,7 @@ impl<B: Backend> Shard<B> {
             shared,
             now_ms,
             to_close,
+            dirty,
             ..
         } = self;
         let mut writer = Writer {
@@ -1109,13 +1175,38 @@ impl<B: Backend> Shard<B> {
                 conn.last_id = frame.id;
                 writer.counters.frames_delivered += 1;
                 let token = Token::new(slot, generations[slot as usize]);
-                if let Err(reason) = writer.write(token, conn, frame) {
+                let written = if batched {
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        dirty.push(slot);
+                    }
+                    writer.enqueue(conn, frame)
+                } else {
+                    writer.write(token, conn, frame)
+                };
+                if let Err(reason) = written {
                     // Marked only: reaped after the pass.
                     conn.closing = Some(reason);
                     to_close.push(slot);
                 }
             }
         }
+    }
+
+    /// Flushes every subscriber a batched pass queued frames for.
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            let conn = self.slots[slot as usize]
+                .as_mut()
+                .expect("dirty slot is occupied");
+            conn.dirty = false;
+            if conn.closing.is_none() {
+                self.flush(slot);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
     }
 
     // ---- timers -----------------------------------------------------------
@@ -1314,6 +1405,10 @@ impl<B: Backend> Shard<B> {
     }
 
     fn publish_counters(&mut self) {
+        // A relaxed store per turn: the topic index changes only on this thread.
+        self.stats
+            .topics
+            .store(self.topics.len() as i64, Ordering::Relaxed);
         let counters = std::mem::take(&mut self.counters);
         if counters.frames_delivered > 0 {
             metrics::add(&self.stats.frames_delivered, counters.frames_delivered);

@@ -34,9 +34,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Flip to `true` once the io_uring backend (`--backend uring`) is built. While false,
+pub mod reliability;
+
+/// The io_uring backend (`--backend uring`) is built: every `*_uring` test runs. While false,
 /// every `*_uring` test prints a SKIP line and returns, so only epoll runs.
-pub const URING_ENABLED: bool = false;
+pub const URING_ENABLED: bool = true;
 
 /// Default bound for one blocking network step (connect, a response, an event).
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
