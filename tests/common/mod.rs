@@ -34,6 +34,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod flow;
+pub mod netns;
+pub mod nginx;
 pub mod reliability;
 
 /// The io_uring backend (`--backend uring`) is built: every `*_uring` test runs. While false,
@@ -1747,8 +1750,3 @@ pub fn duration_from_env(name: &str, default: Duration) -> Duration {
         Err(_) => default,
     }
 }
-
-// Shared helpers of the reliability suite (scenarios 1–4 of issue 6).
-pub mod flow;
-pub mod netns;
-pub mod nginx;
