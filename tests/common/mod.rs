@@ -34,6 +34,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod flow;
+pub mod netns;
+pub mod nginx;
 pub mod reliability;
 
 /// The io_uring backend (`--backend uring`) is built: every `*_uring` test runs. While false,
