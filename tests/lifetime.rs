@@ -123,4 +123,43 @@ backend_tests! {
         let spread = *lifetimes.iter().max().unwrap() - *lifetimes.iter().min().unwrap();
         assert!(spread >= Duration::from_millis(50), "six jittered lifetimes all within {spread:?}: {lifetimes:?}");
     }
+
+    fn no_event_follows_the_retry_hint_of_an_ended_stream(backend: Backend) {
+        // Regression: a stream ended by its lifetime while its `retry:` hint was
+        // still queued (behind a backlog on epoll, always in flight on io_uring)
+        // went on taking live events, written after the hint.
+        let server = Server::start(backend, &[
+            "--stream-lifetime-max", "1s",
+            "--stream-lifetime-jitter", "0",
+            "--retry-hint", "1500ms",
+        ]);
+        let subscribed_at = Instant::now();
+        let mut client = server.subscribe_with(&Subscribe::topics(&["t"]).recv_buffer(4096));
+        // A backlog: events the client does not read yet.
+        let mut publisher = server.publisher();
+        for n in 0..200u64 {
+            publisher.publish(&["t"], None, payload(n, 1024).as_bytes());
+        }
+        server.wait_for_metrics(IO_TIMEOUT, "the subscriber is backlogged", |m| {
+            m.counter("plenum_outbox_bytes") > 0.0
+        });
+        // Past the lifetime (1 s, no jitter) and a sweep: the stream has been ended.
+        let ended_by = subscribed_at + Duration::from_millis(1500);
+        std::thread::sleep(ended_by.saturating_duration_since(Instant::now())); // a known deadline
+        for n in 200..220u64 {
+            publisher.publish(&["t"], None, payload(n, 1024).as_bytes());
+        }
+        let (items, end) = client.read_until_end(Duration::from_secs(10));
+        assert_eq!(end, StreamEnd::Eof, "the ended stream closes");
+        let retry_at = items
+            .iter()
+            .position(|item| *item == SseItem::Retry(1500))
+            .expect("the stream carries the retry hint");
+        assert_eq!(
+            &items[retry_at + 1..],
+            &[] as &[SseItem],
+            "nothing may follow the retry hint ({} events before it)",
+            retry_at
+        );
+    }
 }

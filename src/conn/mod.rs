@@ -195,9 +195,14 @@ impl Conn {
         }
     }
 
-    /// A live event stream that takes live frames (not closing, not replaying).
+    /// A live event stream that takes live frames: not closing, not ended (its
+    /// `retry:` hint queued, closing once flushed: nothing may follow the hint),
+    /// not replaying.
     pub fn takes_live_frames(&self) -> bool {
-        self.phase == Phase::Stream && self.closing.is_none() && self.replay_cursor.is_none()
+        self.phase == Phase::Stream
+            && self.closing.is_none()
+            && self.close_after_flush.is_none()
+            && self.replay_cursor.is_none()
     }
 
     pub fn outbox_bytes(&self) -> usize {
