@@ -419,8 +419,7 @@ impl Engine {
                 .epoll
                 .wait(&mut ready, wake.saturating_duration_since(Instant::now()))?;
             for event in &ready[..count] {
-                let token = sys::ready_token(event);
-                let (index, generation) = ((token >> 32) as usize, token as u32);
+                let (index, generation) = sys::ready_token(event);
                 if self
                     .conns
                     .get(index)
@@ -459,7 +458,7 @@ impl Engine {
             Ok(socket) => socket,
             Err(error) => return self.failed(index, &error),
         };
-        let token = (index as u64) << 32 | u64::from(conn.generation);
+        let token = sys::token(index, conn.generation);
         if let Err(error) = self
             .epoll
             .add(socket.as_raw_fd(), flags::OUT | flags::RDHUP, token)
@@ -501,7 +500,7 @@ impl Engine {
         self.epoll.modify(
             socket.as_raw_fd(),
             interest,
-            (index as u64) << 32 | u64::from(conn.generation),
+            sys::token(index, conn.generation),
         )
     }
 

@@ -391,8 +391,7 @@ impl Publisher {
                 .epoll
                 .wait(&mut ready, wake.saturating_duration_since(Instant::now()))?;
             for event in &ready[..count] {
-                let token = sys::ready_token(event);
-                let (index, generation) = ((token >> 32) as usize, token as u32);
+                let (index, generation) = sys::ready_token(event);
                 if self
                     .conns
                     .get(index)
@@ -445,7 +444,7 @@ impl Publisher {
         conn.generation = conn.generation.wrapping_add(1);
         match result {
             Ok(socket) => {
-                let token = (index as u64) << 32 | u64::from(conn.generation);
+                let token = sys::token(index, conn.generation);
                 if let Err(error) = self.epoll.add(socket.as_raw_fd(), flags::OUT, token) {
                     log::warn!("publish: epoll add failed: {error}");
                     conn.retry_at = Instant::now() + RECONNECT_DELAY;
@@ -468,7 +467,7 @@ impl Publisher {
     fn set_interest(&self, index: usize, interest: u32) {
         let conn = &self.conns[index];
         if let Some(socket) = &conn.socket {
-            let token = (index as u64) << 32 | u64::from(conn.generation);
+            let token = sys::token(index, conn.generation);
             if let Err(error) = self.epoll.modify(socket.as_raw_fd(), interest, token) {
                 log::warn!("publish: epoll modify failed: {error}");
             }

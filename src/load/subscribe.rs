@@ -873,10 +873,6 @@ impl Slot {
 // plus a carry-over only while a line is split across reads.
 const _: () = assert!(std::mem::size_of::<Slot>() <= 320);
 
-fn token(slot: usize, generation: u32) -> u64 {
-    (slot as u64) << 32 | u64::from(generation)
-}
-
 /// Why an attempt failed, named from the errno.
 fn failure_reason(error: &io::Error) -> String {
     match error.raw_os_error() {
@@ -1028,9 +1024,7 @@ impl Worker {
                 .epoll
                 .wait(&mut ready, wake.saturating_duration_since(now))?;
             for event in &ready[..count] {
-                let token = sys::ready_token(event);
-                let slot = (token >> 32) as usize;
-                let generation = token as u32;
+                let (slot, generation) = sys::ready_token(event);
                 self.handle(slot, generation, sys::ready_flags(event));
             }
             for (slot, generation) in std::mem::take(&mut self.revisit) {
@@ -1112,10 +1106,11 @@ impl Worker {
         let slot = &mut self.slots[index];
         slot.generation = slot.generation.wrapping_add(1);
         let interest = flags::IN | flags::OUT | flags::RDHUP | flags::ET;
-        if let Err(error) =
-            self.epoll
-                .add(socket.as_raw_fd(), interest, token(index, slot.generation))
-        {
+        if let Err(error) = self.epoll.add(
+            socket.as_raw_fd(),
+            interest,
+            sys::token(index, slot.generation),
+        ) {
             let reason = failure_reason(&error);
             self.fail(index, &reason, true);
             return;
@@ -1209,10 +1204,11 @@ impl Worker {
         }
         slot.phase = Phase::Head;
         let interest = flags::IN | flags::RDHUP | flags::ET;
-        if let Err(error) =
-            self.epoll
-                .modify(socket.as_raw_fd(), interest, token(index, slot.generation))
-        {
+        if let Err(error) = self.epoll.modify(
+            socket.as_raw_fd(),
+            interest,
+            sys::token(index, slot.generation),
+        ) {
             let reason = failure_reason(&error);
             self.fail(index, &reason, true);
         }

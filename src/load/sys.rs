@@ -34,9 +34,15 @@ pub mod flags {
 /// One reported event: the token it was registered with and the flags.
 pub type Ready = libc::epoll_event;
 
-/// The token of a reported event.
-pub fn ready_token(event: &Ready) -> u64 {
-    event.u64
+/// The epoll token of connection `index`: its index in the high half, the
+/// generation (bumped at every reuse of the index) in the low half.
+pub fn token(index: usize, generation: u32) -> u64 {
+    (index as u64) << 32 | u64::from(generation)
+}
+
+/// The connection index and generation of a reported event.
+pub fn ready_token(event: &Ready) -> (usize, u32) {
+    ((event.u64 >> 32) as usize, event.u64 as u32)
 }
 
 /// The flags of a reported event.
