@@ -31,6 +31,9 @@ pub struct ShardStats {
     pub outbox_bytes: AtomicI64,
     pub replays: AtomicU64,
     pub replays_too_old: AtomicU64,
+    /// Replays that history overtook (it evicted events not yet sent): each
+    /// got a further gap signal and went on from the oldest event held.
+    pub replays_overtaken: AtomicU64,
     /// Times this shard fell so far behind that history no longer held what
     /// it missed, and closed its subscribers.
     pub resyncs_lost: AtomicU64,
@@ -59,6 +62,7 @@ impl Default for ShardStats {
             outbox_bytes: AtomicI64::new(0),
             replays: AtomicU64::new(0),
             replays_too_old: AtomicU64::new(0),
+            replays_overtaken: AtomicU64::new(0),
             resyncs_lost: AtomicU64::new(0),
             uring_accept_rearms: AtomicU64::new(0),
             uring_accept_table_full: AtomicU64::new(0),
@@ -217,6 +221,12 @@ pub fn render(
         "plenum_replays_too_old_total",
         "Gap signals sent.",
         load(&|s| s.replays_too_old.load(Ordering::Relaxed)),
+    );
+    counter(
+        &mut out,
+        "plenum_replays_overtaken_total",
+        "Replays that history overtook before they were sent; each got a further gap signal.",
+        load(&|s| s.replays_overtaken.load(Ordering::Relaxed)),
     );
     let overflows: u64 = hub
         .feeds()

@@ -221,4 +221,58 @@ backend_tests! {
             m.counter("plenum_replays_too_old_total") == (unknown.len() + 1) as f64
         });
     }
+
+    fn replay_overtaken_by_history_gets_a_second_gap_signal_and_goes_on(backend: Backend) {
+        // Pages of 64 KiB (half the hard limit) of 32 KiB events, small socket
+        // buffers, a history of 8 events and a subscriber that does not read:
+        // its replay stops after the first page, and 8 more publishes evict
+        // what it has not been sent yet.
+        let server = Server::start(
+            backend,
+            &[
+                "--history-events-max", "8",
+                "--outbox-bytes-hard", "128KiB",
+                "--outbox-bytes-soft", "0",
+                "--socket-send-buffer-bytes", "4KiB",
+                "--write-stall-timeout", "60s",
+            ],
+        );
+        let data = |n: usize| format!("{n:>6}").repeat(32 * 1024 / 6);
+        let first: Vec<u64> = (0..8).map(|n| server.publish(&["t"], None, data(n))).collect();
+        let mut client = server.subscribe_with(
+            &Subscribe::topics(&["t"]).last_event_id_header(first[0]).recv_buffer(4096),
+        );
+        server.wait_for_metrics(IO_TIMEOUT, "the first page stuck in the outbox", |m| {
+            m.sum("plenum_outbox_bytes") > 0.0
+        });
+        let second: Vec<u64> = (8..16).map(|n| server.publish(&["t"], None, data(n))).collect();
+        // Now read: the first page, the signal naming its last event, then all
+        // that history holds, then live.
+        let page = client.expect_event(IO_TIMEOUT, "first page");
+        assert_eq!(page.id(), first[1], "replay starts right after the resume id");
+        let mut sent = vec![page.id()];
+        let gap = loop {
+            let event = client.expect_event(IO_TIMEOUT, "first page, then the gap signal");
+            if event.is_gap() {
+                break event;
+            }
+            assert_eq!(event.data(), data(sent.len() + 1), "first page in order");
+            sent.push(event.id());
+        };
+        assert!(sent.len() < 7, "the replay must have stopped part-way: it sent {sent:?}");
+        assert_eq!(gap.id, None, "the gap signal carries no id");
+        assert_eq!(
+            gap.gap(),
+            ("too_old".to_string(), sent.last().unwrap().to_string()),
+            "the signal names the last event sent"
+        );
+        expect_ids(&mut client, &second, "what history holds after the signal");
+        expect_live(&server, &mut client, "t");
+        server.wait_for_metrics(IO_TIMEOUT, "one replay, overtaken once, never closed", |m| {
+            m.counter("plenum_replays_total") == 1.0
+                && m.counter("plenum_replays_overtaken_total") == 1.0
+                && m.counter("plenum_replays_too_old_total") == 1.0
+                && m.closed("slow_consumer") == 0.0
+        });
+    }
 }

@@ -32,7 +32,7 @@ use crate::backend::{Backend, Event, Handle, Io, Token};
 use crate::config::Config;
 use crate::conn::{CloseReason, Conn, Outbox, Phase, IOVECS_PER_WRITE_MAX};
 use crate::http::{self, BodyKind, BodyReader, ChunkedDecoder, Rejection, Request, Route, Status};
-use crate::hub::{EventId, Frame, Hub, Topic};
+use crate::hub::{EventId, Frame, Hub, Page, Resume, Topic};
 use crate::metrics::{self, ShardStats};
 
 pub use topics::TopicIndex;
@@ -918,40 +918,78 @@ impl<B: Backend> Shard<B> {
     }
 
     /// Positions a resuming subscriber in history and starts its replay.
+    ///
+    /// The position and the first page are taken under one hold of the
+    /// history, so a publish cannot evict the events between them: the first
+    /// page always starts exactly where the position (or the gap signal) says.
     fn resume(&mut self, slot: u32, text: &str) {
         metrics::add(&self.stats.replays, 1);
-        let (cursor, signal) = {
+        let topics = self.replay_topics(slot);
+        let budget = self.replay_budget();
+        let (cursor, signal, page) = {
             let history = self.shared.hub.history();
-            match text.trim().parse::<EventId>() {
+            let (cursor, signal) = match text.trim().parse::<EventId>() {
                 Ok(id) => match history.resume(id) {
-                    crate::hub::Resume::Exact => (id, None),
-                    crate::hub::Resume::TooOld => (history.before_oldest(), Some("too_old")),
-                    crate::hub::Resume::Unknown => (history.before_oldest(), Some("unknown")),
+                    Resume::Exact => (id, None),
+                    Resume::TooOld => (history.before_oldest(), Some("too_old")),
+                    Resume::Unknown => (history.before_oldest(), Some("unknown")),
                 },
                 Err(_) => (history.before_oldest(), Some("unknown")),
-            }
+            };
+            let page = history.page(cursor, self.last_id, &topics, budget);
+            (cursor, signal, page)
         };
         if let Some(reason) = signal {
-            metrics::add(&self.stats.replays_too_old, 1);
             let sent: String = text
                 .chars()
                 .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
                 .collect();
-            let frame = Frame::control(
-                format!("event: plenum-gap\ndata: {{\"reason\":\"{reason}\",\"last_event_id\":\"{sent}\"}}\n\n")
-                    .into_bytes(),
-            );
-            self.send(slot, &frame);
+            self.send_gap(slot, reason, &sent);
         }
         let conn = self.conn(slot);
         conn.replay_cursor = Some(cursor);
         conn.last_id = cursor;
-        self.pump_replay(slot);
+        if self.deliver_page(slot, page) {
+            self.pump_replay(slot);
+        }
+    }
+
+    /// Tells a subscriber that events after `last_event_id` may be missing
+    /// (see "Gap signal" in the README). It carries no `id:` line.
+    fn send_gap(&mut self, slot: u32, reason: &str, last_event_id: &str) {
+        metrics::add(&self.stats.replays_too_old, 1);
+        let frame = Frame::control(
+            format!(
+                "event: plenum-gap\ndata: {{\"reason\":\"{reason}\",\"last_event_id\":\"{last_event_id}\"}}\n\n"
+            )
+            .into_bytes(),
+        );
+        self.send(slot, &frame);
+    }
+
+    fn replay_topics(&self, slot: u32) -> Vec<Topic> {
+        let conn = self.slots[slot as usize].as_ref().expect("occupied slot");
+        conn.subscriptions
+            .iter()
+            .map(|s| self.topics.name(s.topic).clone())
+            .collect()
+    }
+
+    /// Bytes of history per replay page: small enough that a page on top of
+    /// an empty outbox never trips the hard limit.
+    fn replay_budget(&self) -> usize {
+        (self.shared.config.outbox_bytes_hard / 2).clamp(1, 256 * 1024)
     }
 
     /// Moves the next page of history into a replaying subscriber's outbox.
     /// Pages are bounded so that replay never trips the outbox limits; the
     /// next page follows when the outbox has drained.
+    ///
+    /// If history evicts events this subscriber has not been sent yet (it
+    /// drains more slowly than events are published and evicted), it gets a
+    /// gap signal naming the last event it was sent, and the replay goes on
+    /// from the oldest event still held: the same answer a reconnect would
+    /// get, without the reconnect.
     fn pump_replay(&mut self, slot: u32) {
         loop {
             let conn = self.slots[slot as usize].as_ref().expect("occupied slot");
@@ -961,43 +999,47 @@ impl<B: Backend> Shard<B> {
             if conn.closing.is_some() || conn.outbox.is_some() {
                 return;
             }
-            let topics: Vec<Topic> = conn
-                .subscriptions
-                .iter()
-                .map(|s| self.topics.name(s.topic).clone())
-                .collect();
-            let budget = (self.shared.config.outbox_bytes_hard / 2).clamp(1, 256 * 1024);
-            let page = {
+            let last_sent = conn.last_id;
+            let topics = self.replay_topics(slot);
+            let budget = self.replay_budget();
+            let (overtaken, page) = {
                 let history = self.shared.hub.history();
-                if cursor < history.before_oldest() {
-                    None
-                } else {
-                    Some(history.page(cursor, self.last_id, &topics, budget))
-                }
+                let oldest = history.before_oldest();
+                let page = history.page(cursor.max(oldest), self.last_id, &topics, budget);
+                (cursor < oldest, page)
             };
-            let Some(page) = page else {
-                // History moved past this subscriber while it replayed.
-                return self.mark_close(slot, CloseReason::SlowConsumer);
-            };
-            for frame in &page.frames {
-                self.counters.frames_delivered += 1;
-                self.send(slot, frame);
+            if overtaken {
+                metrics::add(&self.stats.replays_overtaken, 1);
+                self.send_gap(slot, "too_old", &last_sent.to_string());
             }
-            let last_id = self.last_id;
-            let conn = self.conn(slot);
-            if conn.closing.is_some() {
+            if !self.deliver_page(slot, page) {
                 return;
             }
-            if let Some(last) = page.frames.last() {
-                conn.last_id = last.id;
-            }
-            if page.complete {
-                conn.replay_cursor = None;
-                conn.last_id = conn.last_id.max(last_id);
-                return;
-            }
-            conn.replay_cursor = Some(page.scanned_through);
         }
+    }
+
+    /// Sends one page of replay and moves the subscriber's cursor past it.
+    /// Returns whether more pages follow.
+    fn deliver_page(&mut self, slot: u32, page: Page) -> bool {
+        for frame in &page.frames {
+            self.counters.frames_delivered += 1;
+            self.send(slot, frame);
+        }
+        let shard_last_id = self.last_id;
+        let conn = self.conn(slot);
+        if conn.closing.is_some() {
+            return false;
+        }
+        if let Some(last) = page.frames.last() {
+            conn.last_id = last.id;
+        }
+        if page.complete {
+            conn.replay_cursor = None;
+            conn.last_id = conn.last_id.max(shard_last_id);
+            return false;
+        }
+        conn.replay_cursor = Some(page.scanned_through);
+        true
     }
 
     /// Ends a stream: the `retry:` hint, then close once flushed.
