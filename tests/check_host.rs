@@ -120,6 +120,17 @@ fn the_json_report_carries_the_blocking_flag() {
 fn a_bad_size_is_refused_with_the_units() {
     let (code, _) = check_host(&["--connections", "100", "--socket-send-buffer-bytes", "12kb"]);
     assert_eq!(code, 2, "clap's usage error");
+    // Sizes parse exactly as `plenum serve` parses them.
+    let (code, text) = check_host(&[
+        "--connections",
+        "100",
+        "--socket-send-buffer-bytes",
+        "64K",
+        "--json",
+    ]);
+    assert_ne!(code, 2, "64K is a size to plenum serve: {text}");
+    let document: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
+    assert_eq!(document["needs"]["socket_send_buffer_bytes"], 65_536);
 }
 
 fn guide() -> String {

@@ -21,6 +21,7 @@ pub use rules::{evaluate, Backend, Line, Needs, Report, Status};
 pub use snapshot::HostSnapshot;
 
 use crate::backend::uring::probe::files_per_ring_for;
+use crate::config::ByteSize;
 
 /// `plenum check-host` flags; names and defaults match `plenum serve`.
 #[derive(Debug, clap::Args)]
@@ -38,8 +39,8 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 4096, value_name = "B")]
     pub backlog: u64,
     /// `SO_SNDBUF` per socket (`B`, `KiB`, `MiB`, `GiB`); `0` = kernel autotuning.
-    #[arg(long, default_value = "128KiB", value_name = "SIZE", value_parser = parse_size)]
-    pub socket_send_buffer_bytes: u64,
+    #[arg(long, default_value = "128KiB", value_name = "SIZE")]
+    pub socket_send_buffer_bytes: ByteSize,
     /// Print the snapshot and the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -52,7 +53,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         backend: args.backend,
         shards: args.shards.unwrap_or_else(available_parallelism),
         backlog: args.backlog,
-        socket_send_buffer_bytes: args.socket_send_buffer_bytes,
+        socket_send_buffer_bytes: args.socket_send_buffer_bytes.0,
     };
     // Probe io_uring for either backend: with epoll it tells whether io_uring
     // is a way around a low open-file limit.
@@ -184,45 +185,9 @@ fn available_parallelism() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
 
-/// A size with an optional unit: `B`, `KiB`, `MiB`, `GiB` (plain numbers are bytes).
-fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (examples: 131072, 128KiB, 1MiB)"))?;
-    let scale = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}: use B, KiB, MiB or GiB"
-            ))
-        }
-    };
-    number
-        .checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("131072"), Ok(131_072));
-        assert_eq!(parse_size("128KiB"), Ok(131_072));
-        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_size("0"), Ok(0));
-        assert!(parse_size("12kb").is_err());
-        assert!(parse_size("KiB").is_err());
-    }
 
     #[test]
     fn the_text_report_names_the_blocker_and_its_section() {
