@@ -6,6 +6,9 @@
 # Usage: benches/idle_memory.sh PLENUM_BIN N [server flags...]
 #   e.g. benches/idle_memory.sh target/release/plenum 15000 --shards 2 --backend epoll
 # Prints: N, RSS before and after, (after - before) / N and after / N.
+# With FANOUT=K in the environment it then publishes K events of 200 bytes to
+# all N, one at a time (each once delivered to all), and prints the RSS after
+# them: what fan-out leaves behind (allocator pages kept, per-send state).
 set -euo pipefail
 BIN=$1; N=$2; shift 2
 OUT=$(mktemp -d)
@@ -44,3 +47,18 @@ BACKEND=$(curl -s "http://$ADDR/metrics" | sed -n 's/^plenum_info{backend="\([a-
 awk -v n="$N" -v a="$RSS0" -v b="$RSS1" -v backend="$BACKEND" -v open="$OPEN" 'BEGIN {
   printf "backend=%s N=%d open=%d rss_before=%dKiB rss_after=%dKiB per_subscriber_delta=%.0fB per_subscriber_total=%.0fB\n",
     backend, n, open, a, b, (b - a) * 1024 / n, b * 1024 / n }'
+if [ "${FANOUT:-0}" -gt 0 ]; then
+  DATA=$(head -c 200 /dev/zero | tr '\0' x)
+  for k in $(seq "$FANOUT"); do
+    curl -s -o /dev/null -X POST --data "$DATA" "http://$ADDR/publish?topic=idle"
+    for _ in $(seq 600); do
+      SENT=$(curl -s "http://$ADDR/metrics" | awk '/^plenum_frames_delivered_total/ { s += $2 } END { print s + 0 }')
+      [ "$SENT" -ge $((k * OPEN)) ] && break; sleep 0.05
+    done
+  done
+  RSS2=$(awk '/^VmRSS/ { print $2 }' /proc/$PID/status)
+  HWM=$(awk '/^VmHWM/ { print $2 }' /proc/$PID/status)
+  awk -v n="$N" -v a="$RSS1" -v b="$RSS2" -v h="$HWM" -v k="$FANOUT" -v sent="$SENT" 'BEGIN {
+    printf "after %d fan-outs (%d frames delivered): rss=%dKiB (+%.0fB per subscriber) peak=%dKiB\n",
+      k, sent, b, (b - a) * 1024 / n, h }'
+fi
