@@ -7,34 +7,15 @@
 //! tools stop by themselves once every connection is closed; `--duration`
 //! only bounds a broken run.
 
+mod load_common;
+
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn plenum() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_plenum"))
-}
-
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("plenum-misbehave-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn run(command: &mut Command) -> Output {
-    let output = command.output().expect("running plenum");
-    eprintln!("stdout:\n{}", String::from_utf8_lossy(&output.stdout));
-    eprintln!("stderr:\n{}", String::from_utf8_lossy(&output.stderr));
-    output
-}
-
-fn read_json(path: &PathBuf) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+use load_common::*;
 
 /// Reads a request head (bounded); false if the peer closed first.
 fn read_head(stream: &mut TcpStream) -> bool {
@@ -75,7 +56,7 @@ fn serve<T: Send + 'static>(
     (port, receiver)
 }
 
-fn misbehave(port: u16, mode: &str, extra: &[&str], json: &PathBuf) -> serde_json::Value {
+fn misbehave(port: u16, mode: &str, extra: &[&str]) -> serde_json::Value {
     let url = format!("http://127.0.0.1:{port}/events?topic=a");
     let mut args = vec![
         "load",
@@ -90,10 +71,9 @@ fn misbehave(port: u16, mode: &str, extra: &[&str], json: &PathBuf) -> serde_jso
         "30s",
     ];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["--json", json.to_str().unwrap()]);
-    let output = run(plenum().args(&args));
-    assert!(output.status.success());
-    read_json(json)
+    let (code, report) = load_report(&args);
+    assert_eq!(code, Some(0));
+    report
 }
 
 #[test]
@@ -124,12 +104,7 @@ fn stall_is_closed_by_a_server_with_a_write_deadline() {
         }
         "never stalled"
     });
-    let report = misbehave(
-        port,
-        "stall",
-        &["--receive-buffer-bytes", "4096"],
-        &temp_path("stall.json"),
-    );
+    let report = misbehave(port, "stall", &["--receive-buffer-bytes", "4096"]);
     assert_eq!(
         results.recv_timeout(Duration::from_secs(30)).unwrap(),
         "stalled"
@@ -164,7 +139,7 @@ fn reset_reaches_the_server_as_an_rst() {
             other => format!("{other:?}"),
         }
     });
-    let report = misbehave(port, "reset", &[], &temp_path("reset.json"));
+    let report = misbehave(port, "reset", &[]);
     assert_eq!(
         results.recv_timeout(Duration::from_secs(30)).unwrap(),
         "reset"
@@ -193,7 +168,7 @@ fn half_close_is_answered_with_a_close() {
             _ => "no fin",
         }
     });
-    let report = misbehave(port, "half-close", &[], &temp_path("half-close.json"));
+    let report = misbehave(port, "half-close", &[]);
     assert_eq!(
         results.recv_timeout(Duration::from_secs(30)).unwrap(),
         "fin"
@@ -224,12 +199,7 @@ fn slowloris_is_cut_off_by_a_header_deadline() {
         }
         (received, "deadline")
     });
-    let report = misbehave(
-        port,
-        "slowloris",
-        &["--byte-interval", "50ms"],
-        &temp_path("slowloris.json"),
-    );
+    let report = misbehave(port, "slowloris", &["--byte-interval", "50ms"]);
     for _ in 0..2 {
         let (received, how) = results.recv_timeout(Duration::from_secs(30)).unwrap();
         assert_eq!(how, "deadline");
@@ -262,7 +232,7 @@ fn vanish_kills_the_holder_and_the_server_sees_the_close() {
             _ => "still open",
         }
     });
-    let report = misbehave(port, "vanish", &[], &temp_path("vanish.json"));
+    let report = misbehave(port, "vanish", &[]);
     for _ in 0..2 {
         let how = results.recv_timeout(Duration::from_secs(30)).unwrap();
         assert!(how == "fin" || how == "reset", "{how}");
@@ -294,8 +264,7 @@ fn subscribe_spreads_connections_over_source_addresses() {
         }
     });
     let url = format!("http://127.0.0.1:{port}/events");
-    let json = temp_path("source-ips.json");
-    let output = run(plenum().args([
+    let (code, report) = load_report(&[
         "load",
         "subscribe",
         "--url",
@@ -310,10 +279,8 @@ fn subscribe_spreads_connections_over_source_addresses() {
         "1",
         "--duration",
         "30s",
-        "--json",
-        json.to_str().unwrap(),
-    ]));
-    assert!(output.status.success());
+    ]);
+    assert_eq!(code, Some(0));
     let mut counts = BTreeMap::new();
     for _ in 0..4 {
         *counts
@@ -324,14 +291,13 @@ fn subscribe_spreads_connections_over_source_addresses() {
         counts,
         BTreeMap::from([("127.0.0.2".to_owned(), 2), ("127.0.0.3".to_owned(), 2)])
     );
-    assert_eq!(read_json(&json)["source_ips"].as_u64(), Some(2));
+    assert_eq!(report["source_ips"].as_u64(), Some(2));
 }
 
 #[test]
 fn watch_samples_a_process() {
-    let json = temp_path("watch.json");
     let pid = std::process::id().to_string();
-    let output = run(plenum().args([
+    let (code, report) = load_report(&[
         "load",
         "watch",
         "--pid",
@@ -340,11 +306,8 @@ fn watch_samples_a_process() {
         "20ms",
         "--duration",
         "100ms",
-        "--json",
-        json.to_str().unwrap(),
-    ]));
-    assert!(output.status.success());
-    let report = read_json(&json);
+    ]);
+    assert_eq!(code, Some(0));
     let samples = report["samples"].as_array().unwrap();
     assert!(samples.len() >= 3, "{report}");
     assert!(samples

@@ -8,12 +8,14 @@
 //! client stops by itself (`--expect-events`, or every slot finished), and
 //! `--duration` only bounds a broken run.
 
+mod load_common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use load_common::*;
 
 fn unix_now_ns() -> u128 {
     SystemTime::now()
@@ -200,27 +202,6 @@ fn stream_handler(mut stream: TcpStream, log: Arc<Mutex<Vec<Request>>>) {
     hold_until_client_closes(&mut stream);
 }
 
-fn plenum() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_plenum"))
-}
-
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("plenum-load-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn run(command: &mut Command) -> Output {
-    let output = command.output().expect("running plenum");
-    eprintln!("stdout:\n{}", String::from_utf8_lossy(&output.stdout));
-    eprintln!("stderr:\n{}", String::from_utf8_lossy(&output.stderr));
-    output
-}
-
-fn read_json(path: &PathBuf) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn subscribe_over_two_processes_checks_sequences_across_reconnects() {
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -346,8 +327,7 @@ fn gaps_and_duplicates_are_counted_and_fail_the_run() {
         }
         hold_until_client_closes(&mut stream);
     });
-    let json = temp_path("gaps.json");
-    let output = run(plenum().args([
+    let (code, report) = load_report(&[
         "load",
         "subscribe",
         "--url",
@@ -360,11 +340,8 @@ fn gaps_and_duplicates_are_counted_and_fail_the_run() {
         "5",
         "--duration",
         "30s",
-        "--json",
-        json.to_str().unwrap(),
-    ]));
-    assert_eq!(output.status.code(), Some(2), "failed checks exit with 2");
-    let report = read_json(&json);
+    ]);
+    assert_eq!(code, Some(2), "failed checks exit with 2");
     assert_eq!(report["events_received"].as_u64(), Some(10));
     assert_eq!(report["gaps"].as_u64(), Some(2));
     assert_eq!(report["missing"].as_u64(), Some(2));
@@ -379,8 +356,7 @@ fn failures_are_counted_by_reason() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let json = temp_path("refused.json");
-    let output = run(plenum().args([
+    let (code, report) = load_report(&[
         "load",
         "subscribe",
         "--url",
@@ -389,11 +365,8 @@ fn failures_are_counted_by_reason() {
         "3",
         "--duration",
         "30s",
-        "--json",
-        json.to_str().unwrap(),
-    ]));
-    assert_eq!(output.status.code(), Some(2));
-    let report = read_json(&json);
+    ]);
+    assert_eq!(code, Some(2));
     assert_eq!(report["failed"]["refused"].as_u64(), Some(3));
     assert_eq!(report["connected"].as_u64(), Some(0));
 
@@ -411,8 +384,7 @@ fn failures_are_counted_by_reason() {
         stream.write_all(response).unwrap();
         hold_until_client_closes(&mut stream);
     });
-    let json = temp_path("http.json");
-    let output = run(plenum().args([
+    let (code, report) = load_report(&[
         "load",
         "subscribe",
         "--url",
@@ -423,11 +395,8 @@ fn failures_are_counted_by_reason() {
         "4",
         "--duration",
         "30s",
-        "--json",
-        json.to_str().unwrap(),
-    ]));
-    assert_eq!(output.status.code(), Some(2));
-    let report = read_json(&json);
+    ]);
+    assert_eq!(code, Some(2));
     assert_eq!(report["failed"]["http_503"].as_u64(), Some(2));
     assert_eq!(report["failed"]["not_event_stream"].as_u64(), Some(2));
 
@@ -447,8 +416,7 @@ fn failures_are_counted_by_reason() {
             }
         }
     });
-    let json = temp_path("handshake.json");
-    let output = run(plenum().args([
+    let (code, report) = load_report(&[
         "load",
         "subscribe",
         "--url",
@@ -463,11 +431,8 @@ fn failures_are_counted_by_reason() {
         "300ms",
         "--duration",
         "30s",
-        "--json",
-        json.to_str().unwrap(),
-    ]));
-    assert_eq!(output.status.code(), Some(2));
-    let report = read_json(&json);
+    ]);
+    assert_eq!(code, Some(2));
     assert_eq!(report["failed"]["timeout"].as_u64(), Some(2));
     assert_eq!(report["failed"]["closed_before_response"].as_u64(), Some(2));
     assert_eq!(report["failed"]["bad_response"].as_u64(), Some(2));
@@ -495,8 +460,7 @@ fn publish_paces_keep_alive_requests_with_the_body_template() {
                 .unwrap();
         }
     });
-    let json = temp_path("publish.json");
-    let output = run(plenum().args([
+    let (code, report) = load_report(&[
         "load",
         "publish",
         "--url",
@@ -513,11 +477,8 @@ fn publish_paces_keep_alive_requests_with_the_body_template() {
         "sesame",
         "--duration",
         "30s",
-        "--json",
-        json.to_str().unwrap(),
-    ]));
-    assert!(output.status.success());
-    let report = read_json(&json);
+    ]);
+    assert_eq!(code, Some(0));
     assert_eq!(report["sent"].as_u64(), Some(50));
     assert_eq!(report["ok"].as_u64(), Some(50));
     assert_eq!(report["responses"]["200"].as_u64(), Some(50));
@@ -597,7 +558,7 @@ fn sigterm_stops_the_run_and_still_reports() {
     for _ in 0..2 {
         resumed.recv_timeout(Duration::from_secs(30)).unwrap();
     }
-    let status = Command::new("kill")
+    let status = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
